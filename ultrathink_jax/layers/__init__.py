@@ -1,0 +1,1 @@
+"""Building blocks of the decoder; `ultrathink_jax.model` assembles them."""

@@ -1,0 +1,67 @@
+"""Grouped-query self-attention with rotary embeddings and an optional functional KV cache."""
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ultrathink_jax.config import ModelConfig
+from ultrathink_jax.layers.init import residual_out_init, weight_init
+from ultrathink_jax.layers.linear import Linear
+from ultrathink_jax.layers.rotary import apply_rope
+
+
+def attention_mask(q_index, kv_index, q_segment_ids, kv_segment_ids, sliding_window: int):
+    """Boolean [B, 1, T, S]: query i sees key j iff same segment, j <= i and (window) i - window < j.
+
+    Indices are absolute positions in the row (or KV cache), so one function serves training, prefill and decode.
+    Padding (segment 0) only sees padding, which keeps its softmax finite and never leaks into real tokens.
+    """
+    visible = kv_index[None, :] <= q_index[:, None]
+    if sliding_window:
+        visible &= kv_index[None, :] > q_index[:, None] - sliding_window
+    same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    return (visible[None] & same_segment)[:, None]
+
+
+def resolve_implementation(config: ModelConfig) -> str:
+    if config.attention_impl != "auto":
+        return config.attention_impl
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and config.dtype in ("bfloat16", "float16") else "xla"
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        """x [B, T, D]; mask [B, 1, T, S]; cache {"k", "v": [B, S, n_kv_heads, head_dim]} written at cache_index."""
+        cfg = self.config
+        hd = cfg.resolved_head_dim
+
+        def proj(heads, names, name):
+            return Linear((x.shape[-1], heads, hd), 1, names, weight_init(cfg), cfg.dtype, name=name)
+
+        q = proj(cfg.n_heads, ("embed", "heads", "head_dim"), "q_proj")(x)
+        k = proj(cfg.n_kv_heads, ("embed", "kv_heads", "head_dim"), "k_proj")(x)
+        v = proj(cfg.n_kv_heads, ("embed", "kv_heads", "head_dim"), "v_proj")(x)
+        q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", "act_head_dim"))
+        k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
+        v = nn.with_logical_constraint(v, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
+
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+            cache = {"k": k, "v": v}
+
+        impl = resolve_implementation(cfg)
+        # cuDNN skips the masked-out causal blocks when told the mask is causal; the explicit mask keeps segments
+        # and the window exact. Only valid when queries and keys are the same positions (no cache).
+        fast_causal = impl == "cudnn" and cache is None
+        out = jax.nn.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=hd ** -0.5, implementation=impl,
+            is_causal=fast_causal,
+            local_window_size=(cfg.sliding_window - 1, 0) if fast_causal and cfg.sliding_window else None)
+        out = Linear((cfg.n_heads, hd, x.shape[-1]), 2, ("heads", "head_dim", "embed"), residual_out_init(cfg),
+                     cfg.dtype, name="o_proj")(out)
+        return out, cache

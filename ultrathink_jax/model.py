@@ -1,0 +1,169 @@
+"""The decoder: a Llama-family transformer (dense or Mixture-of-Experts) in Flax linen.
+
+Layers are stacked with `nn.scan` so compile time does not grow with depth. A model whose layers are not all alike
+(MoE every k-th layer, or after n dense layers) is cut into at most three *stages*, each a scan over identical
+*units*: `dense_layers` (leading dense layers), `moe_units` (k-1 dense blocks then one MoE block, repeated) and
+`dense_tail` (dense layers after the last MoE layer). `layer_plan` is the single place that says which stage,
+unit and block holds Hugging Face layer i, so export/import map layers without guessing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ultrathink_jax.config import ModelConfig
+from ultrathink_jax.layers.attention import Attention, attention_mask
+from ultrathink_jax.layers.init import embedding_init, weight_init
+from ultrathink_jax.layers.mlp import MLP
+from ultrathink_jax.layers.norm import RMSNorm
+from ultrathink_jax.layers.rotary import rope_tables
+
+RESIDUAL_AXES = ("act_batch", "act_length", "act_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    first_layer: int
+    n_units: int
+    unit: tuple[bool, ...]  # per block in a unit: True = MoE block
+
+    def layer_index(self, unit: int, block: int) -> int:
+        return self.first_layer + unit * len(self.unit) + block
+
+
+def layer_plan(config: ModelConfig) -> list[Stage]:
+    n = config.n_layers
+    moe_layers = [i for i in range(n) if config.is_moe_layer(i)]
+    if not moe_layers:
+        return [Stage("layers", 0, n, (False,))]
+    k = config.moe_every
+    start = moe_layers[0] - (k - 1)  # first MoE layer closes the first unit; every later k-th layer is MoE too
+    n_units = (n - start) // k
+    tail = n - start - n_units * k
+    stages = [Stage("dense_layers", 0, start, (False,))] if start else []
+    stages.append(Stage("moe_units", start, n_units, (False,) * (k - 1) + (True,)))
+    if tail:
+        stages.append(Stage("dense_tail", start + n_units * k, tail, (False,)))
+    return stages
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)) (dense SwiGLU or MoE)."""
+
+    config: ModelConfig
+    moe: bool
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, valid, cache=None, cache_index=None):
+        cfg = self.config
+        h, cache = Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, cfg.dtype, name="input_norm")(x),
+                                               cos, sin, mask, cache, cache_index)
+        x = x + h
+        h = RMSNorm(cfg.norm_eps, cfg.dtype, name="post_attention_norm")(x)
+        if self.moe:
+            from ultrathink_jax.moe import MoEMLP  # the MoE package imports the shared layers, not the model
+
+            h, aux = MoEMLP(cfg, name="moe")(h, valid, self.deterministic)
+        else:
+            h, aux = MLP(cfg, cfg.d_ff, name="mlp")(h), {}
+        return nn.with_logical_constraint(x + h, RESIDUAL_AXES), cache, aux
+
+
+class Unit(nn.Module):
+    """One scan step: the blocks of one unit in order. Scanned inputs are this unit's KV caches (or None)."""
+
+    config: ModelConfig
+    kinds: tuple[bool, ...]
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x, context, caches):
+        cos, sin, mask, valid, cache_index = context
+        new_caches, aux = [], {}
+        for b, moe in enumerate(self.kinds):
+            x, cache, block_aux = Block(self.config, moe, self.deterministic, name=f"block_{b}")(
+                x, cos, sin, mask, valid, None if caches is None else caches[b], cache_index)
+            new_caches.append(cache)
+            aux = aux or block_aux  # at most one MoE block per unit
+        return x, (None if caches is None else new_caches, aux)
+
+
+def _remat(module, policy: str):
+    if policy == "none":
+        return module
+    jax_policy = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}[policy]
+    return nn.remat(module, policy=jax_policy, prevent_cse=False)
+
+
+class Transformer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, segment_ids, cache=None, deterministic: bool = True):
+        """tokens/positions/segment_ids: int32 [B, T] (segment 0 = padding).
+
+        Returns (logits float32 [B, T, V], aux, new_cache). aux["moe"] holds the MoE layers' router statistics
+        stacked in layer order (empty for a dense model); new_cache is None unless a cache was given.
+        """
+        cfg = self.config
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, name="embed",
+                         embedding_init=nn.with_logical_partitioning(embedding_init(cfg), ("vocab", "embed")))
+        x = nn.with_logical_constraint(embed(tokens), RESIDUAL_AXES)
+        cos, sin = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
+
+        T = tokens.shape[1]
+        if cache is None:
+            index = jnp.arange(T)
+            mask = attention_mask(index, index, segment_ids, segment_ids, cfg.sliding_window)
+            cache_index, kv_segment_ids = None, None
+        else:
+            cache_index = cache["index"]
+            kv_segment_ids = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, cache_index, 1)
+            mask = attention_mask(cache_index + jnp.arange(T), jnp.arange(kv_segment_ids.shape[1]),
+                                  segment_ids, kv_segment_ids, cfg.sliding_window)
+        context = (cos, sin, mask, segment_ids > 0, cache_index)
+
+        stage_caches, moe_aux = {}, []
+        for stage in layer_plan(cfg):
+            scanned = nn.scan(
+                _remat(Unit, cfg.remat_policy),
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "jitter": True},
+                in_axes=(nn.broadcast, 0),
+                length=stage.n_units,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, stage.unit, deterministic, name=stage.name)
+            x, (stage_cache, aux) = scanned(x, context, None if cache is None else cache["stages"][stage.name])
+            stage_caches[stage.name] = stage_cache
+            if aux:
+                moe_aux.append(aux)
+
+        x = RMSNorm(cfg.norm_eps, cfg.dtype, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
+                              kernel_init=nn.with_logical_partitioning(weight_init(cfg), ("embed", "vocab")))(x)
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+
+        aux = {"moe": jax.tree.map(lambda *a: jnp.concatenate(a), *moe_aux)} if moe_aux else {}
+        new_cache = None
+        if cache is not None:
+            new_cache = {"index": cache_index + T, "segment_ids": kv_segment_ids, "stages": stage_caches}
+        return logits, aux, new_cache
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache for `max_len` positions: per stage, per block of a unit, k/v [n_units, B, S, K, hd]."""
+    dtype = dtype or config.dtype
+    shape = lambda n: (n, batch, max_len, config.n_kv_heads, config.resolved_head_dim)
+    stages = {s.name: [{"k": jnp.zeros(shape(s.n_units), dtype), "v": jnp.zeros(shape(s.n_units), dtype)}
+                       for _ in s.unit] for s in layer_plan(config)}
+    return {"index": jnp.zeros((), jnp.int32), "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+            "stages": stages}
