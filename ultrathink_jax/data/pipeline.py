@@ -1,0 +1,260 @@
+"""Entry points: tokenizer, training iterator and evaluation batches, built from `config.data`.
+
+Tokenization happens once per corpus into a flat token stream (cached in the workdir). The grain graph then
+works on row indices only: seeded shuffle (new permutation each epoch) -> repeat -> batch of global row
+indices -> this process's slice -> packed rows, built by `read_threads` threads `prefetch_buffer_size`
+batches ahead. Its state is one integer, so a resumed run continues with exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+
+from ultrathink_jax.data import config as data_config
+from ultrathink_jax.data.errors import DataError
+from ultrathink_jax.data.packing import TokenStream, empty_row, num_rows, pack_documents, pack_row, stack_rows
+from ultrathink_jax.data.sources import FileSource, HFSource, StdlibCorpus, TextSource
+from ultrathink_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_DIR = "tokenizer"
+CACHE_DIR = "data_cache"
+_STATE_VERSION = 1
+_ENCODE_CHUNK_CHARS = 4_000_000  # documents handed to the Rust tokenizer per call
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+def train_source(cfg: ml_collections.ConfigDict) -> TextSource:
+    data_config.validate(cfg)
+    if cfg.train_files:
+        return FileSource(cfg.train_files, cfg.text_column, cfg.txt_split, cfg.max_chars)
+    if cfg.hf_dataset:
+        return HFSource(cfg.hf_dataset, cfg.hf_config, cfg.hf_split, cfg.text_column, cfg.streaming, cfg.max_chars)
+    return StdlibCorpus("train", cfg.heldout_fraction, cfg.default_corpus_max_chars)
+
+
+def eval_source(cfg: ml_collections.ConfigDict, files: str | Sequence[str] | None = None) -> TextSource | None:
+    """`files` overrides the config; None when nothing is configured (user training data with no eval set)."""
+    data_config.validate(cfg)
+    if files:
+        return FileSource(files, cfg.text_column, cfg.txt_split, cfg.eval_max_chars)
+    if cfg.eval_files:
+        return FileSource(cfg.eval_files, cfg.text_column, cfg.txt_split, cfg.eval_max_chars)
+    if cfg.hf_eval_split:
+        return HFSource(cfg.hf_dataset, cfg.hf_config, cfg.hf_eval_split, cfg.text_column, cfg.streaming,
+                        cfg.eval_max_chars)
+    if not cfg.train_files and not cfg.hf_dataset:
+        return StdlibCorpus("eval", cfg.heldout_fraction, cfg.eval_max_chars)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+def build_tokenizer(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> Tokenizer:
+    """<workdir>/tokenizer if it exists (resume: the tokenizer the checkpoints were trained with), else
+    `cfg.tokenizer`, else a byte-level BPE trained on the training source; saved to <workdir>/tokenizer."""
+    data_config.validate(cfg)
+    saved = Path(workdir) / TOKENIZER_DIR if workdir is not None else None
+    if saved is not None and (saved / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(saved)
+        log.info("data: reusing tokenizer %s (vocab %d)", saved, tokenizer.vocab_size)
+        return tokenizer
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    else:
+        source = train_source(cfg)
+        tokenizer = train_tokenizer(source, cfg.vocab_size)
+        log.info("data: trained a %d-token byte-level BPE on %s (%s)", tokenizer.vocab_size,
+                 source.describe(), source.stats.as_dict())
+    if saved is not None:
+        tokenizer.save(saved)
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+
+def load_tokens(source: TextSource, tokenizer: Tokenizer, cache_dir: str | os.PathLike | None = None
+                ) -> tuple[TokenStream, dict]:
+    """Tokenizes every document of `source` (+EOS) into one stream; returns it with read statistics.
+    With `cache_dir`, a stream is stored under a key of the source content and the tokenizer, and reused."""
+    key = hashlib.sha256((source.fingerprint() + "\0" + tokenizer.fingerprint()).encode("utf-8")).hexdigest()[:20]
+    cache_file = Path(cache_dir) / f"tokens-{key}.npz" if cache_dir is not None else None
+    if cache_file is not None and cache_file.is_file():
+        with np.load(cache_file, allow_pickle=False) as z:
+            stream = TokenStream(z["tokens"], z["doc_starts"])
+            stats = json.loads(str(z["stats"]))
+        log.info("data: %s: %d tokens from cache %s", source.describe(), stream.n_tokens, cache_file)
+        return stream, stats
+
+    def encoded() -> Iterator[list[int]]:
+        chunk: list[str] = []
+        size = 0
+        for doc in source:
+            chunk.append(doc)
+            size += len(doc)
+            if size >= _ENCODE_CHUNK_CHARS:
+                yield from tokenizer.encode_batch(chunk)
+                chunk, size = [], 0
+        if chunk:
+            yield from tokenizer.encode_batch(chunk)
+
+    stream = pack_documents(encoded(), tokenizer.eos_id, tokenizer.vocab_size)
+    stats = {**source.stats.as_dict(), "tokens": stream.n_tokens}
+    log.info("data: %s: %s", source.describe(), stats)
+    if stats["invalid_utf8"]:
+        log.warning("data: %s: replaced %d invalid UTF-8 sequences with U+FFFD", source.describe(),
+                    stats["invalid_utf8"])
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.name + ".", suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, tokens=stream.tokens, doc_starts=stream.doc_starts, stats=np.array(json.dumps(stats)))
+        os.replace(tmp, cache_file)
+    return stream, stats
+
+
+# ----------------------------------------------------------------------------------------------- batches
+
+def _process_slice(global_batch_size: int, process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # only asked when the caller did not say; tests pass both explicitly
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index={process_index} must be in [0, process_count={process_count})")
+    if global_batch_size % process_count:
+        raise DataError(f"data config: global_batch_size={global_batch_size} must be divisible by the "
+                        f"process count {process_count}")
+    local = global_batch_size // process_count
+    return process_index * local, local
+
+
+class _LocalBatch:
+    """Global row indices of one batch -> this process's rows, packed. Index -1 = padding row (evaluation)."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, pad_id: int, offset: int, local: int, global_size: int):
+        self.stream, self.seq_len, self.pad_id = stream, seq_len, pad_id
+        self.offset, self.local, self.global_size = offset, local, global_size
+
+    def __call__(self, global_rows: np.ndarray) -> dict[str, np.ndarray]:
+        rows = np.full(self.global_size, -1, dtype=np.int64)
+        rows[:len(global_rows)] = global_rows
+        mine = rows[self.offset:self.offset + self.local]
+        return stack_rows([pack_row(self.stream, int(r), self.seq_len, self.pad_id) if r >= 0
+                           else empty_row(self.seq_len, self.pad_id) for r in mine])
+
+
+class TrainIterator:
+    """Endless shuffled batches for this process: dicts of `inputs, targets, segment_ids, positions` int32 and
+    `weights` float32, each [global_batch_size / process_count, seq_len]. `get_state()` is a JSON-serialisable
+    dict; `set_state()` on a fresh iterator over the same data resumes with the very next batch."""
+
+    def __init__(self, stream: TokenStream, stats: dict, cfg: ml_collections.ConfigDict, pad_id: int,
+                 process_index: int | None = None, process_count: int | None = None):
+        self.stats = stats
+        self.seq_len = cfg.seq_len
+        self.global_batch_size = cfg.global_batch_size
+        offset, self.local_batch_size = _process_slice(cfg.global_batch_size, process_index, process_count)
+        self.n_rows = num_rows(stream.n_tokens, cfg.seq_len, keep_partial=False)
+        if self.n_rows == 0:
+            raise DataError(f"training data has {stream.n_tokens} tokens; seq_len={cfg.seq_len} needs at least "
+                            f"{cfg.seq_len + 1}")
+        # Identifies the data order; resuming with other data or settings would silently change the batches.
+        self._fingerprint = {"rows": self.n_rows, "tokens": stream.n_tokens, "seq_len": cfg.seq_len,
+                             "global_batch_size": cfg.global_batch_size, "seed": cfg.seed}
+        dataset = (grain.MapDataset.range(self.n_rows)
+                   .shuffle(seed=cfg.seed)
+                   .repeat(None)  # reseeds the shuffle each epoch
+                   .batch(cfg.global_batch_size, drop_remainder=True)
+                   .map(_LocalBatch(stream, cfg.seq_len, pad_id, offset, self.local_batch_size,
+                                    cfg.global_batch_size)))
+        self._iter = dataset.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                                               prefetch_buffer_size=cfg.prefetch_buffer_size)
+                                             ).__iter__()
+
+    def __iter__(self) -> "TrainIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iter)
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return self.n_rows
+
+    def get_state(self) -> dict:
+        return {"version": _STATE_VERSION, "data": dict(self._fingerprint), "grain": self._iter.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION or "grain" not in state:
+            raise DataError(f"data iterator state is not a version-{_STATE_VERSION} state: {state!r}")
+        if state.get("data") != self._fingerprint:
+            raise DataError(f"data iterator state was saved for different data {state.get('data')}, "
+                            f"this run has {self._fingerprint}")
+        self._iter.set_state(state["grain"])
+
+
+class EvalBatches:
+    """A deterministic, re-iterable pass over evaluation data: no shuffle, the final partial row and final
+    partial batch kept, padded with weight 0. Every process yields the same number of batches."""
+
+    def __init__(self, stream: TokenStream, stats: dict, cfg: ml_collections.ConfigDict, pad_id: int,
+                 process_index: int | None = None, process_count: int | None = None):
+        self.stats = stats
+        offset, self.local_batch_size = _process_slice(cfg.global_batch_size, process_index, process_count)
+        self.n_rows = num_rows(stream.n_tokens, cfg.seq_len, keep_partial=True)
+        if self.n_rows == 0:
+            raise DataError(f"evaluation data has {stream.n_tokens} token(s); at least 2 are needed")
+        self._dataset = (grain.MapDataset.range(self.n_rows)
+                         .batch(cfg.global_batch_size, drop_remainder=False)
+                         .map(_LocalBatch(stream, cfg.seq_len, pad_id, offset, self.local_batch_size,
+                                          cfg.global_batch_size)))
+        self._read_options = grain.ReadOptions(num_threads=cfg.read_threads,
+                                               prefetch_buffer_size=cfg.prefetch_buffer_size)
+        # Total scored targets over all processes (the held-out mean-loss denominator): every adjacent token
+        # pair of the stream is one row's (input, target), scored unless it crosses into the next document.
+        self.n_targets = stream.n_tokens - stream.n_documents
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self._dataset.to_iter_dataset(self._read_options))
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+
+def _cache_dir(cfg: ml_collections.ConfigDict, workdir) -> Path | None:
+    return Path(workdir) / CACHE_DIR if (cfg.cache and workdir is not None) else None
+
+
+def build_train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                         workdir: str | os.PathLike | None = None, *, process_index: int | None = None,
+                         process_count: int | None = None) -> TrainIterator:
+    """Training batches for this process (process index/count default to jax's)."""
+    stream, stats = load_tokens(train_source(cfg), tokenizer, _cache_dir(cfg, workdir))
+    return TrainIterator(stream, stats, cfg, tokenizer.pad_id, process_index, process_count)
+
+
+def build_eval_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, files: str | Sequence[str] | None = None,
+                        workdir: str | os.PathLike | None = None, *, process_index: int | None = None,
+                        process_count: int | None = None) -> EvalBatches | None:
+    """Evaluation batches from `files`, else the configured eval source; None if no eval data is configured."""
+    source = eval_source(cfg, files)
+    if source is None:
+        return None
+    stream, stats = load_tokens(source, tokenizer, _cache_dir(cfg, workdir))
+    return EvalBatches(stream, stats, cfg, tokenizer.pad_id, process_index, process_count)
