@@ -231,7 +231,7 @@ class FileSource(TextSource):
         elif self.txt_split == "line":
             yield from (line for line in text.splitlines() if line.strip())
         else:  # paragraphs are separated by blank lines
-            yield from (p.strip("\n") for p in re.split(r"\n[ \t\r\f\v]*\n", text) if p.strip())
+            yield from (p.strip("\n") for p in re.split(r"\n(?:[ \t\r\f\v]*\n)+", text) if p.strip())
 
     def _jsonl(self, path: Path, stats: SourceStats) -> Iterator[str]:
         with open(path, "rb") as f:

@@ -1,0 +1,143 @@
+"""Tokenizer: GPT-2 files, trained byte-level BPE, save -> AutoTokenizer reload, clear errors."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from ultrathink_jax.data.errors import DataFileNotFoundError, TokenizerError
+from ultrathink_jax.data.tokenizer import ENDOFTEXT, load_tokenizer, train_tokenizer
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+GPT2 = SHARED / "gpt2-tokenizer"
+needs_gpt2 = pytest.mark.skipif(not (GPT2 / "vocab.json").is_file(), reason=f"shared data absent: {GPT2}")
+
+TEXTS = [
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog. " * 5,
+    "Unicode: naïve café, 日本語, emoji 🙂 and tabs\tand\nnewlines.",
+] * 20
+SENTENCE = "Hello world! The fox said: naïve 日本語 🙂\n    return x"
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return train_tokenizer(TEXTS, vocab_size=400)
+
+
+@needs_gpt2
+def test_gpt2_files_give_the_gpt2_vocabulary_and_eos():
+    tok = load_tokenizer(GPT2)
+    assert tok.vocab_size == 50257, tok.vocab_size
+    assert tok.eos_id == 50256 and tok.eos_token == ENDOFTEXT
+    assert tok.bos_id == tok.pad_id == 50256
+    assert tok.encode("Hello world") == [15496, 995], tok.encode("Hello world")
+
+
+@needs_gpt2
+def test_gpt2_pair_path_loads_the_same_tokenizer_as_its_directory():
+    pair = load_tokenizer(f"{GPT2 / 'vocab.json'},{GPT2 / 'merges.txt'}")
+    assert pair.encode(SENTENCE) == load_tokenizer(GPT2).encode(SENTENCE)
+
+
+@needs_gpt2
+def test_gpt2_saved_tokenizer_reloads_in_transformers_with_the_same_ids(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = load_tokenizer(GPT2)
+    tok.save(tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf(SENTENCE)["input_ids"] == tok.encode(SENTENCE)
+    assert hf.eos_token_id == 50256
+
+
+def test_trained_bpe_round_trips_text_exactly(trained):
+    ids = trained.encode(SENTENCE)
+    assert trained.decode(ids) == SENTENCE
+    assert max(ids) < trained.vocab_size
+
+
+def test_trained_bpe_has_endoftext_as_eos_and_respects_the_vocab_size(trained):
+    assert trained.backend.id_to_token(trained.eos_id) == ENDOFTEXT
+    assert 257 <= trained.vocab_size <= 400, trained.vocab_size
+    assert trained.encode(ENDOFTEXT) == [trained.eos_id], "the special token is one id, as in Hugging Face"
+
+
+def test_encode_batch_equals_encoding_one_by_one(trained):
+    assert trained.encode_batch(TEXTS[:3]) == [trained.encode(t) for t in TEXTS[:3]]
+
+
+def test_saved_tokenizer_reloads_in_transformers_with_the_same_ids_and_special_tokens(trained, tmp_path):
+    from transformers import AutoTokenizer
+
+    trained.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert json.loads((tmp_path / "special_tokens_map.json").read_text())["eos_token"] == ENDOFTEXT
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = hf(SENTENCE)["input_ids"]
+    assert ids == trained.encode(SENTENCE), f"transformers {ids[:10]}... vs ours {trained.encode(SENTENCE)[:10]}..."
+    assert hf.decode(ids) == SENTENCE
+    assert (hf.eos_token_id, hf.bos_token_id, hf.pad_token_id) == (trained.eos_id,) * 3
+
+
+def test_saved_tokenizer_reloads_with_our_loader(trained, tmp_path):
+    trained.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again.encode(SENTENCE) == trained.encode(SENTENCE)
+    assert (again.vocab_size, again.eos_id) == (trained.vocab_size, trained.eos_id)
+    assert load_tokenizer(tmp_path / "tokenizer.json").encode(SENTENCE) == trained.encode(SENTENCE)
+
+
+def test_eos_named_in_tokenizer_config_wins_over_the_default(tmp_path):
+    trained = train_tokenizer(TEXTS, vocab_size=300)
+    trained.backend.add_special_tokens(["</s>"])
+    trained.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["eos_token"] = {"content": "</s>", "special": True}  # AddedToken form, as transformers writes it
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(tmp_path)
+    assert tok.eos_token == "</s>" and tok.eos_id == trained.backend.token_to_id("</s>")
+
+
+def test_corrupt_tokenizer_json_names_the_path(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"model": ')
+    with pytest.raises(TokenizerError, match=re.escape(f"cannot read tokenizer file {bad}")) as info:
+        load_tokenizer(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_tokenizer_path_names_the_path(tmp_path):
+    with pytest.raises(DataFileNotFoundError, match=re.escape(f"tokenizer path does not exist: {tmp_path / 'nope'}")):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_directory_without_tokenizer_files_is_rejected(tmp_path):
+    with pytest.raises(DataFileNotFoundError, match="has neither tokenizer.json nor vocab.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_corrupt_merges_file_names_the_files(tmp_path):
+    (tmp_path / "vocab.json").write_text('{"a": 0, "b": 1}')
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b c d\n")
+    with pytest.raises(TokenizerError, match="cannot read tokenizer files .*merges.txt"):
+        load_tokenizer(tmp_path)
+
+
+def test_vocabulary_without_an_end_of_text_token_is_rejected(tmp_path):
+    (tmp_path / "vocab.json").write_text('{"a": 0, "b": 1, "ab": 2}')
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
+    with pytest.raises(TokenizerError, match="no end-of-text token found"):
+        load_tokenizer(tmp_path)
+
+
+def test_training_needs_room_for_all_bytes():
+    with pytest.raises(TokenizerError, match="vocab_size=100 must be >= 257"):
+        train_tokenizer(TEXTS, vocab_size=100)
+
+
+def test_training_on_no_text_is_rejected():
+    with pytest.raises(TokenizerError, match="training texts are empty"):
+        train_tokenizer([], vocab_size=300)
