@@ -150,6 +150,11 @@ def test_hf_dataset_missing_column_lists_the_columns(hf_dir):
         list(HFSource(str(hf_dir), split="train", text_column="text"))
 
 
+def test_hf_dataset_config_name_is_passed_to_load_dataset(hf_dir):
+    with pytest.raises(DataError, match=re.escape(f"cannot load hugging face dataset {hf_dir}/nope split=train")):
+        list(HFSource(str(hf_dir), config="nope", split="train", text_column="content"))
+
+
 def test_hf_dataset_unknown_split_is_one_clear_error(hf_dir):
     with pytest.raises(DataError, match=re.escape(f"cannot load hugging face dataset {hf_dir} split=nope")):
         list(HFSource(str(hf_dir), split="nope", text_column="content"))

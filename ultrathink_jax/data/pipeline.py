@@ -191,10 +191,6 @@ class TrainIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._iter)
 
-    @property
-    def rows_per_epoch(self) -> int:
-        return self.n_rows
-
     def get_state(self) -> dict:
         return {"version": _STATE_VERSION, "data": dict(self._fingerprint), "grain": self._iter.get_state()}
 

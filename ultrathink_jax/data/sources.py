@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -118,16 +119,9 @@ class StdlibCorpus(TextSource):
         self.root = Path(root or sysconfig.get_paths()["stdlib"])
 
     def files(self) -> list[Path]:
-        if not self.root.is_dir():
-            raise DataFileNotFoundError(f"standard library directory not found: {self.root}")
-        chosen = []
-        for path in self.root.rglob("*.py"):
-            rel = path.relative_to(self.root).as_posix()
-            if "site-packages" in rel or "dist-packages" in rel:
-                continue  # installed third-party code is not the same on every machine
-            if (_unit_hash(rel) < self.heldout_fraction) == (self.split == "eval"):
-                chosen.append((_unit_hash("order:" + rel), rel, path))
-        return [path for _, _, path in sorted(chosen)]
+        chosen = [(_unit_hash("order:" + rel), rel) for rel in _python_files(self.root)
+                  if (_unit_hash(rel) < self.heldout_fraction) == (self.split == "eval")]
+        return [self.root / rel for _, rel in sorted(chosen)]
 
     def describe(self) -> str:
         return (f"stdlib corpus {self.root} (python {sys.version_info.major}.{sys.version_info.minor}, "
@@ -146,6 +140,16 @@ class StdlibCorpus(TextSource):
             text, bad = decode_utf8(data)
             stats.invalid_utf8 += bad
             yield text
+
+
+@functools.lru_cache(maxsize=4)
+def _python_files(root: Path) -> tuple[str, ...]:
+    """Relative paths of the `.py` files under root (listed once per process: a scan takes about a second)."""
+    if not root.is_dir():
+        raise DataFileNotFoundError(f"standard library directory not found: {root}")
+    rels = (p.relative_to(root).as_posix() for p in root.rglob("*.py"))
+    # Installed third-party code is not the same on every machine.
+    return tuple(sorted(r for r in rels if "site-packages" not in r and "dist-packages" not in r))
 
 
 def _unit_hash(text: str) -> float:
