@@ -1,0 +1,126 @@
+"""Router semantics and auxiliary losses against NumPy references and transformers' own functions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ultrathink_jax.moe import router
+
+E, K = 6, 2
+
+
+def np_softmax(x):
+    z = np.exp(x - x.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+@pytest.fixture
+def logits():
+    return np.random.default_rng(0).normal(size=(3, 5, E)).astype(np.float32) * 2
+
+
+@pytest.fixture
+def valid():
+    v = np.ones((3, 5), bool)
+    v[0, 3:] = False
+    v[2, 1] = False
+    return v
+
+
+def test_route_is_softmax_over_all_experts_then_topk_then_renormalised(logits):
+    r = router.route(jnp.asarray(logits), K, norm_topk_prob=True)
+    probs = np_softmax(logits.astype(np.float64))
+    idx = np.argsort(-probs, axis=-1)[..., :K]
+    w = np.take_along_axis(probs, idx, -1)
+    np.testing.assert_allclose(r.probs, probs, atol=1e-6)
+    np.testing.assert_array_equal(r.expert_index, idx)
+    np.testing.assert_allclose(r.expert_weight, w / w.sum(-1, keepdims=True), atol=1e-6)
+
+
+def test_route_keeps_raw_topk_probabilities_without_norm_topk_prob(logits):
+    r = router.route(jnp.asarray(logits), K, norm_topk_prob=False)
+    probs = np_softmax(logits.astype(np.float64))
+    w = np.sort(probs, -1)[..., ::-1][..., :K]
+    np.testing.assert_allclose(r.expert_weight, w, atol=1e-6)
+    assert float(r.expert_weight.sum(-1).max()) < 1.0
+
+
+def test_route_computes_in_float32_even_for_bfloat16_logits(logits):
+    r = router.route(jnp.asarray(logits, jnp.bfloat16), K)
+    assert r.probs.dtype == jnp.float32 and r.expert_weight.dtype == jnp.float32
+
+
+def np_switch_loss(logits, valid, k):
+    probs = np_softmax(logits.astype(np.float64)).reshape(-1, E)
+    m = valid.reshape(-1).astype(np.float64)
+    top = np.argsort(-probs, -1)[:, :k]
+    f = np.zeros(E)
+    for t in range(probs.shape[0]):
+        for e in top[t]:
+            f[e] += m[t]
+    f /= m.sum()
+    p = (probs * m[:, None]).sum(0) / m.sum()
+    return E * np.sum(f * p)
+
+
+def layer_aux(logits, valid):
+    r = router.route(jnp.asarray(logits), K)
+    v = jnp.asarray(valid)
+    counts, prob_sum = router.expert_counts(r.expert_index, v, E), router.router_prob_sum(r.probs, v)
+    return counts, prob_sum, jnp.sum(v.astype(jnp.float32))
+
+
+def test_load_balance_loss_matches_numpy_switch_formula_excluding_padding(logits, valid):
+    loss = router.load_balance_loss(*layer_aux(logits, valid))
+    ref = np_switch_loss(logits, valid, K)
+    assert abs(float(loss) - ref) < 1e-5, (float(loss), ref)
+
+
+def test_pooled_load_balance_loss_equals_transformers_aux_loss_over_layers(logits, valid):
+    torch = pytest.importorskip("torch")
+    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    layers = [logits, logits[::-1] * 0.5 + 1.0]  # two MoE layers, same padding
+    aux = [dict(zip(("expert_counts", "router_prob_sum", "n_valid"), layer_aux(l, valid)),
+                z_loss=router.z_loss(jnp.asarray(l), jnp.asarray(valid))) for l in layers]
+    ours, _ = router.pooled_router_losses(aux)
+    theirs = mixtral.load_balancing_loss_func(
+        tuple(torch.from_numpy(l.reshape(-1, E).copy()) for l in layers), E, K,
+        attention_mask=torch.from_numpy(valid.astype(np.int64)))
+    assert abs(float(ours) - float(theirs)) < 1e-5, (float(ours), float(theirs))
+
+
+def test_balanced_router_scores_k():
+    # uniform probabilities and a perfectly even top-k spread: f_e = k/E, P_e = 1/E -> E * E * k/E^2 = k
+    counts = jnp.full((E,), 4.0 * K / E * 3)
+    loss = router.load_balance_loss(counts, jnp.full((E,), 12.0 / E), jnp.asarray(12.0))
+    assert abs(float(loss) - K) < 1e-6, float(loss)
+
+
+def test_z_loss_is_mean_squared_logsumexp_over_valid_tokens(logits, valid):
+    lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+    ref = (lse ** 2)[valid].mean()
+    got = float(router.z_loss(jnp.asarray(logits), jnp.asarray(valid)))
+    assert abs(got - ref) < 1e-4 * ref, (got, ref)
+
+
+def test_entropy_sum_is_sum_of_per_token_entropies_in_nats(logits, valid):
+    p = np_softmax(logits.astype(np.float64))
+    ref = -(p * np.log(p)).sum(-1)[valid].sum()
+    got = float(router.entropy_sum(router.route(jnp.asarray(logits), K).probs, jnp.asarray(valid)))
+    assert abs(got - ref) < 1e-4, (got, ref)
+
+
+def test_all_padding_batch_gives_zero_losses_not_nan(logits):
+    valid = np.zeros(logits.shape[:2], bool)
+    loss = router.load_balance_loss(*layer_aux(logits, valid))
+    z = router.z_loss(jnp.asarray(logits), jnp.asarray(valid))
+    assert float(loss) == 0.0 and float(z) == 0.0, (float(loss), float(z))
+
+
+def test_load_balance_gradient_flows_through_probabilities_only(logits, valid):
+    def loss(l):
+        return router.load_balance_loss(*layer_aux(l, valid))
+    g = jax.grad(loss)(jnp.asarray(logits))
+    assert np.isfinite(np.asarray(g)).all() and float(jnp.abs(g).max()) > 0
+    assert float(jnp.abs(g[~valid]).max()) == 0.0, "padding tokens must not receive aux-loss gradient"

@@ -1,0 +1,94 @@
+"""Running the experts: two implementations of one interface.
+
+Both take tokens grouped by sequence, x [B, T, D], the router's choices (index/weight [B, T, k]) and the
+stacked SwiGLU expert weights (wi_gate/wi_up [E, D, F], wo [E, F, D]) and return (y [B, T, D], dropped),
+where `dropped` counts valid token-expert assignments that were not computed.
+
+- `dropless`: every assignment is computed. Assignments are sorted by expert and the three projections
+  are grouped matmuls (`jax.lax.ragged_dot`), so no FLOP is wasted on padding slots.
+- `capacity`: GShard / Switch fixed-size buffers. Each sequence is one routing group with a capacity of
+  C = ceil(capacity_factor * T * k / E) slots per expert; the buffers [B, E, C, D] carry the expert axis
+  (logical `act_expert`), so experts shard over the `expert` mesh axis and XLA inserts the all-to-alls.
+  Groups are sequences (not devices) so the result does not depend on the mesh.
+  Drop priority (GShard): all first choices of the sequence in token order, then all second choices, ...;
+  an assignment is dropped iff its expert's C slots are already taken. Padding takes no slot.
+  A dropped assignment contributes zero (weights are not renormalised; the residual carries the token).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Activation = Callable[[jax.Array], jax.Array]
+
+
+def combine(expert_out: jax.Array, weight: jax.Array, dtype) -> jax.Array:
+    """sum_k weight[..., k] * expert_out[..., k, :], in float32 like Mixtral (fp32 weights promote)."""
+    return jnp.einsum("...kd,...k->...d", expert_out.astype(jnp.float32), weight).astype(dtype)
+
+
+def dropless(x, index, weight, valid, wi_gate, wi_up, wo, act: Activation):
+    del valid  # padding is computed like any token (its output is unused); nothing is ever dropped
+    b, t, d = x.shape
+    k = index.shape[-1]
+    n_experts = wi_gate.shape[0]
+    flat_expert = index.reshape(-1)  # assignment a = token * k + choice
+    order = jnp.argsort(flat_expert, stable=True)
+    group_sizes = jnp.bincount(flat_expert, length=n_experts).astype(jnp.int32)
+    xs = x.reshape(b * t, d)[order // k]  # [b*t*k, d] sorted by expert
+    h = act(jax.lax.ragged_dot(xs, wi_gate, group_sizes)) * jax.lax.ragged_dot(xs, wi_up, group_sizes)
+    out_sorted = jax.lax.ragged_dot(h, wo, group_sizes)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    out = out_sorted[inverse].reshape(b, t, k, d)  # gather back (cheaper to differentiate than scatter-add)
+    return combine(out, weight, x.dtype), jnp.zeros((), jnp.float32)
+
+
+def capacity_slots(n_tokens: int, k: int, n_experts: int, capacity_factor: float) -> int:
+    return max(1, math.ceil(capacity_factor * n_tokens * k / n_experts))
+
+
+def assign_slots(index, valid, n_experts: int, slots: int):
+    """Buffer slot of every assignment of one sequence, in choice-major (GShard) priority.
+
+    index [T, k], valid [T] -> slot [k, T] int32 in [0, E*C] (E*C = dropped or padding), kept [k, T] bool."""
+    t, k = index.shape
+    expert = index.T  # [k, T]: first choices of all tokens come first
+    takes_slot = jnp.broadcast_to(valid[None, :], (k, t))
+    onehot = jax.nn.one_hot(expert.reshape(-1), n_experts, dtype=jnp.int32) * takes_slot.reshape(-1, 1)
+    position = jnp.cumsum(onehot, axis=0) - 1  # [k*T, E]: rank of the assignment within its expert
+    position = jnp.take_along_axis(position, expert.reshape(-1, 1), axis=1).reshape(k, t)
+    kept = takes_slot & (position < slots)
+    slot = jnp.where(kept, expert * slots + position, n_experts * slots)
+    return slot.astype(jnp.int32), kept
+
+
+def capacity(x, index, weight, valid, wi_gate, wi_up, wo, act: Activation, capacity_factor: float):
+    b, t, d = x.shape
+    k = index.shape[-1]
+    n_experts = wi_gate.shape[0]
+    slots = capacity_slots(t, k, n_experts, capacity_factor)
+    slot, kept = jax.vmap(assign_slots, in_axes=(0, 0, None, None))(index, valid, n_experts, slots)
+
+    def fill(x_seq, slot_seq):  # [T, D], [k, T] -> [E*C, D]; an empty slot reads the zero row T
+        token = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (k, t))
+        slot_token = jnp.full((n_experts * slots + 1,), t, jnp.int32).at[slot_seq.reshape(-1)].set(token.reshape(-1))
+        return jnp.concatenate([x_seq, jnp.zeros((1, d), x_seq.dtype)])[slot_token[:-1]]
+
+    def read(out_seq, slot_seq):  # [E*C, D], [k, T] -> [T, k, D]; a dropped assignment reads the zero row
+        padded = jnp.concatenate([out_seq, jnp.zeros((1, d), out_seq.dtype)])
+        return jnp.moveaxis(padded[slot_seq], 0, 1)
+
+    buffers = jax.vmap(fill)(x, slot).reshape(b, n_experts, slots, d)
+    buffers = nn.with_logical_constraint(buffers, ("act_batch", "act_expert", None, "act_embed"))
+    h = act(jnp.einsum("becd,edf->becf", buffers, wi_gate)) * jnp.einsum("becd,edf->becf", buffers, wi_up)
+    h = nn.with_logical_constraint(h, ("act_batch", "act_expert", None, "act_mlp"))
+    out = jnp.einsum("becf,efd->becd", h, wo)
+    out = nn.with_logical_constraint(out, ("act_batch", "act_expert", None, "act_embed"))
+    gathered = jax.vmap(read)(out.reshape(b, n_experts * slots, d), slot)  # [B, T, k, D]
+    dropped = jnp.sum((valid[:, None, :] & ~kept).astype(jnp.float32))
+    return combine(gathered, weight, x.dtype), dropped

@@ -1,0 +1,76 @@
+"""Top-k router with Mixtral's semantics, and the router's auxiliary losses.
+
+Mixtral / Qwen2-MoE (transformers): logits = x @ W_gate^T, softmax over ALL experts in float32, top-k of the
+probabilities, then (Mixtral always, Qwen2-MoE iff `norm_topk_prob`) renormalise the k weights to sum to 1.
+Everything here is float32 whatever the compute dtype, so the exported model routes identically.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Routing(NamedTuple):
+    logits: jax.Array  # [..., E] float32
+    probs: jax.Array  # [..., E] float32, softmax over all experts
+    expert_index: jax.Array  # [..., k] int32, descending probability
+    expert_weight: jax.Array  # [..., k] float32, combine weights
+
+
+def route(logits: jax.Array, k: int, norm_topk_prob: bool = True) -> Routing:
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weight, index = jax.lax.top_k(probs, k)
+    if norm_topk_prob:
+        weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
+    return Routing(logits, probs, index.astype(jnp.int32), weight)
+
+
+def expert_counts(expert_index: jax.Array, valid: jax.Array, n_experts: int) -> jax.Array:
+    """[E] float32: number of top-k assignments per expert over valid tokens (before any dropping)."""
+    onehot = jax.nn.one_hot(expert_index, n_experts, dtype=jnp.float32)  # [..., k, E]
+    return jnp.einsum("...ke,...->e", onehot, valid.astype(jnp.float32))
+
+
+def router_prob_sum(probs: jax.Array, valid: jax.Array) -> jax.Array:
+    """[E] float32: sum of router probabilities over valid tokens."""
+    return jnp.einsum("...e,...->e", probs, valid.astype(jnp.float32))
+
+
+def load_balance_loss(counts: jax.Array, prob_sum: jax.Array, n_valid: jax.Array) -> jax.Array:
+    """Switch load-balance loss E * sum_e f_e * P_e, exactly as transformers' `load_balancing_loss_func`:
+    f_e = top-k assignments to e / tokens (so sum_e f_e = k and a perfectly balanced router scores k),
+    P_e = mean router probability of e. Gradient flows through P only (f comes from a top-k).
+
+    Pass counts / prob_sum / n_valid summed over layers to get transformers' multi-layer value, which pools
+    the statistics of all layers before multiplying (it is not the mean of the per-layer losses)."""
+    n = jnp.maximum(n_valid, 1.0)  # an all-padding batch contributes 0, not NaN
+    return counts.shape[-1] * jnp.sum((counts / n) * (prob_sum / n), axis=-1)
+
+
+def z_loss(logits: jax.Array, valid: jax.Array) -> jax.Array:
+    """ST-MoE router z-loss: mean over valid tokens of logsumexp(logits)^2."""
+    validf = valid.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.square(lse) * validf) / jnp.maximum(jnp.sum(validf), 1.0)
+
+
+def entropy_sum(probs: jax.Array, valid: jax.Array) -> jax.Array:
+    """Sum over valid tokens of the per-token router entropy, in nats (0 * log 0 counts as 0)."""
+    plogp = jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0)
+    return -jnp.sum(jnp.sum(plogp, axis=-1) * valid.astype(jnp.float32))
+
+
+def pooled_router_losses(aux: dict) -> tuple[jax.Array, jax.Array]:
+    """(aux_loss, z_loss) of a whole model from its MoE layers' aux dicts stacked on a leading layer axis
+    (or a list of per-layer dicts): the load-balance loss pools the layers' statistics like transformers
+    does, so it equals `MixtralForCausalLM(...).aux_loss`; the z-loss is the mean over layers."""
+    if isinstance(aux, (list, tuple)):
+        aux = jax.tree.map(lambda *xs: jnp.stack(xs), *aux)
+    counts = jnp.sum(aux["expert_counts"], axis=0)
+    prob_sum = jnp.sum(aux["router_prob_sum"], axis=0)
+    n_valid = jnp.sum(aux["n_valid"], axis=0)
+    return load_balance_loss(counts, prob_sum, n_valid), jnp.mean(aux["z_loss"], axis=0)
