@@ -1,6 +1,7 @@
 """Pipeline: shuffled/resumable training batches, process sharding, evaluation passes, config entry points."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -214,6 +215,13 @@ def test_files_config_builds_train_and_eval_iterators_and_caches_tokens(tmp_path
                                                                     process_count=1), 3))
 
 
+def test_empty_training_data_fails_tokenizer_training_with_the_path(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    cfg = _cfg(train_files=str(tmp_path / "empty.txt"), txt_split="line")
+    with pytest.raises(DataError, match=re.escape(f"no text found in files {tmp_path / 'empty.txt'}")):
+        build_tokenizer(cfg, tmp_path / "run")
+
+
 def test_cache_off_writes_nothing(tmp_path):
     train, _ = _write_corpus(tmp_path)
     cfg = _cfg(train_files=str(train), vocab_size=300, cache=False)
@@ -302,7 +310,7 @@ def test_default_config_is_valid():
 def test_bad_config_value_names_the_field(field, value, message):
     cfg = default_config()
     cfg[field] = value
-    with pytest.raises(DataError, match=__import__("re").escape(message)):
+    with pytest.raises(DataError, match=re.escape(message)):
         validate(cfg)
 
 
