@@ -53,6 +53,11 @@ def test_qwen2_moe_requires_explicit_qkv_bias_false():
         config_from_dict({k: v for k, v in QWEN.items() if k != "qkv_bias"})
 
 
+def test_attention_dropout_is_rejected():
+    with pytest.raises(ConfigError, match="unsupported attention_dropout=0.1"):
+        config_from_dict(dict(LLAMA, attention_dropout=0.1))
+
+
 def test_unsupported_activation_is_rejected():
     with pytest.raises(ConfigError, match="unsupported hidden_act 'relu'"):
         config_from_dict(dict(LLAMA, hidden_act="relu"))

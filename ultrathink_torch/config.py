@@ -116,6 +116,8 @@ def config_from_dict(d: dict) -> TwinConfig:
     act = d.get("hidden_act", "silu")
     if act not in SUPPORTED_ACTIVATIONS:
         raise ConfigError(f"unsupported hidden_act {act!r}; expected one of {SUPPORTED_ACTIVATIONS}")
+    if d.get("attention_dropout"):
+        raise ConfigError(f"unsupported attention_dropout={d['attention_dropout']}: the twin has no dropout")
     if model_type == "llama":
         _reject_true(d, ("attention_bias", "mlp_bias"), model_type)
         if d.get("pretraining_tp", 1) != 1:
