@@ -16,7 +16,7 @@ VOCAB = 97
 
 # name -> (config class, model class, config kwargs). Together they cover GQA, MHA, explicit head_dim,
 # tied/untied heads, every activation, Mixtral sliding window, Qwen2-MoE shared experts, norm_topk_prob on/off,
-# mixed dense/MoE layouts (mlp_only_layers and decoder_sparse_step) and per-layer Qwen2 windows.
+# mixed dense/MoE layouts (mlp_only_layers and decoder_sparse_step), per-layer Qwen2 windows and a dense Qwen2 model.
 VARIANTS = {
     "llama_gqa_head_dim": (
         "LlamaConfig", "LlamaForCausalLM",
@@ -48,8 +48,15 @@ VARIANTS = {
              shared_expert_intermediate_size=0, norm_topk_prob=True, decoder_sparse_step=2, qkv_bias=False,
              use_sliding_window=True, sliding_window=4, max_window_layers=3, hidden_act="gelu"),
     ),
+    # Dense with a per-layer sliding window: the export target for dense windowed models (llama has no window).
+    "qwen2_moe_dense_window": (
+        "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+        dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, num_experts=0, qkv_bias=False, use_sliding_window=True, sliding_window=3,
+             layer_types=["sliding_attention", "sliding_attention"]),
+    ),
 }
-MOE_VARIANTS = [n for n, (c, _, _) in VARIANTS.items() if c != "LlamaConfig"]
+MOE_VARIANTS = [n for n, (_, _, kw) in VARIANTS.items() if kw.get("num_experts", kw.get("num_local_experts", 0))]
 
 
 def randomize_(model) -> None:

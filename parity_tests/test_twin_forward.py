@@ -42,7 +42,7 @@ def test_left_padded_logits_match_transformers_on_real_tokens(name, reference, t
     assert_logits_close(ours[real], ref[real], f"{name} left-padded logits (real tokens)")
 
 
-@pytest.mark.parametrize("name", ["mixtral_window", "qwen2_moe_step_window"])
+@pytest.mark.parametrize("name", ["mixtral_window", "qwen2_moe_step_window", "qwen2_moe_dense_window"])
 def test_sliding_window_is_exercised(name, reference, twin):
     """Guard: the same weights without the window must NOT match, so the parity test above checks the window."""
     hf, _ = reference(name)

@@ -45,10 +45,6 @@ class TwinConfig:
     router_aux_loss_coef: float = 0.0
     router_jitter_noise: float = 0.0
 
-    @property
-    def is_moe(self) -> bool:
-        return any(self.moe_layers)
-
 
 def _require(d: dict, key: str, model_type: str):
     if key not in d or d[key] is None:
@@ -167,7 +163,7 @@ def config_from_dict(d: dict) -> TwinConfig:
         moe_layers=moe_layers,
         num_experts=n_experts,
         num_experts_per_tok=_top_k(d, n_experts, model_type) if n_experts else 0,
-        moe_intermediate_size=int(_require(d, "moe_intermediate_size", model_type)),
+        moe_intermediate_size=int(_require(d, "moe_intermediate_size", model_type)) if n_experts else 0,
         shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
         norm_topk_prob=bool(d.get("norm_topk_prob", False)),
         router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
