@@ -64,7 +64,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def attention_bias(
+def additive_attention_mask(
     q_start: int, n_q: int, n_k: int, window: int | None, key_valid: torch.Tensor | None, dtype: torch.dtype, device
 ) -> torch.Tensor:
     """Additive mask (B or 1, 1, n_q, n_k). Indices are cache slots, as in transformers' masks:
@@ -105,7 +105,7 @@ class Attention(nn.Module):
         group = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
-        scores = scores + attention_bias(past, T, k.shape[2], self.window, key_valid, scores.dtype, x.device)
+        scores = scores + additive_attention_mask(past, T, k.shape[2], self.window, key_valid, scores.dtype, x.device)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = (probs @ v).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(out)
