@@ -40,15 +40,18 @@ def load_balancing_loss(
     f_e: fraction of top-k assignments that go to expert e (sums to top_k); P_e: mean router probability of e.
     router_logits: one (B*T, E) tensor per MoE layer; attention_mask (B, T) drops padding tokens.
     """
-    logits = torch.cat([r.float() for r in router_logits], dim=0)
-    probs = F.softmax(logits, dim=-1)
-    chosen = torch.topk(probs, top_k, dim=-1).indices
-    assignments = F.one_hot(chosen, num_experts).sum(dim=1).float()  # (N, E)
-    if attention_mask is None:
-        weight = torch.ones(logits.shape[0], 1, device=logits.device)
-    else:
-        weight = attention_mask.reshape(-1, 1).float().repeat(len(router_logits), 1)
-    tokens = weight.sum()
-    f = (assignments * weight).sum(0) / tokens
-    p = (probs * weight).sum(0) / tokens
+    # Accumulate layer by layer (same summation order as transformers, which keeps fp32 results within ~1e-7).
+    assigned = torch.zeros(num_experts, device=router_logits[0].device)
+    prob_mass = torch.zeros(num_experts, device=router_logits[0].device)
+    tokens = 0.0
+    for layer_logits in router_logits:
+        probs = F.softmax(layer_logits.float(), dim=-1)
+        chosen = torch.topk(probs, top_k, dim=-1).indices
+        weight = torch.ones(probs.shape[0], device=probs.device)
+        if attention_mask is not None:
+            weight = attention_mask.reshape(-1).to(probs.device, torch.float32)
+        assigned = assigned + torch.zeros_like(assigned).scatter_add_(0, chosen.reshape(-1), weight.repeat_interleave(top_k))
+        prob_mass = prob_mass + (probs * weight[:, None]).sum(dim=0)
+        tokens = tokens + weight.sum()
+    f, p = assigned / tokens, prob_mass / tokens  # f sums to top_k, p to 1
     return num_experts * (f * p).sum()
