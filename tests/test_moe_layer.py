@@ -18,11 +18,15 @@ CFG = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=2
 
 
 def init(cfg, seed=0):
-    x = jax.random.normal(jax.random.key(seed), (B, T, cfg.d_model))
+    """NumPy-filled params of the layer's real structure (jax.random compiles slowly on CPU; init has its own
+    test). Router weights are wide so routing is decisive: near-ties could flip on float noise."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(B, T, cfg.d_model)), jnp.float32)
     valid = jnp.ones((B, T), bool)
-    params = nn.unbox(jax.jit(MoEMLP(cfg).init)(jax.random.key(seed + 1), x, valid))
-    # widen the router so routing is decisive (init_std routers give near-ties that fp noise could flip)
-    params["params"]["router"]["kernel"] = params["params"]["router"]["kernel"] * 50
+    shapes = nn.unbox(jax.eval_shape(MoEMLP(cfg).init, jax.random.key(0), x, valid))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, s: jnp.asarray(rng.normal(size=s.shape) * (1.0 if "router" in str(path) else 0.3), jnp.float32),
+        shapes)
     return params, x, valid
 
 

@@ -5,7 +5,11 @@ stacked SwiGLU expert weights (wi_gate/wi_up [E, D, F], wo [E, F, D]) and return
 where `dropped` counts valid token-expert assignments that were not computed.
 
 - `dropless`: every assignment is computed. Assignments are sorted by expert and the three projections
-  are grouped matmuls (`jax.lax.ragged_dot`), so no FLOP is wasted on padding slots.
+  are grouped matmuls (`jax.lax.ragged_dot`), so no FLOP is wasted on padding slots. Under a mesh it runs
+  in `shard_map`: each device sorts and computes its own tokens (the batch axes, `expert` included, act as
+  data parallelism) with the expert weights gathered ZeRO-3 style and their intermediate size split over
+  `tensor` (partial sums reduced with psum). Sorting the global batch instead would make every device
+  compute every token.
 - `capacity`: GShard / Switch fixed-size buffers. Each sequence is one routing group with a capacity of
   C = ceil(capacity_factor * T * k / E) slots per expert; the buffers [B, E, C, D] carry the expert axis
   (logical `act_expert`), so experts shard over the `expert` mesh axis and XLA inserts the all-to-alls.
@@ -23,6 +27,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
 Activation = Callable[[jax.Array], jax.Array]
 
@@ -34,6 +39,33 @@ def combine(expert_out: jax.Array, weight: jax.Array, dtype) -> jax.Array:
 
 def dropless(x, index, weight, valid, wi_gate, wi_up, wo, act: Activation):
     del valid  # padding is computed like any token (its output is unused); nothing is ever dropped
+    mesh = jax.sharding.get_abstract_mesh()
+    batch_axes = _mesh_axes(mesh, "act_batch")
+    mlp_axes = _mesh_axes(mesh, "act_mlp")
+    if not batch_axes and not mlp_axes:
+        return _dropless_local(x, index, weight, wi_gate, wi_up, wo, act), jnp.zeros((), jnp.float32)
+
+    def local(x, index, weight, wi_gate, wi_up, wo):
+        y = _dropless_local(x, index, weight, wi_gate, wi_up, wo, act, out_dtype=jnp.float32)
+        return (jax.lax.psum(y, mlp_axes) if mlp_axes else y).astype(x.dtype)
+
+    tokens, mlp = P(batch_axes or None), mlp_axes or None
+    y = jax.shard_map(local, mesh=mesh, out_specs=tokens,
+                      in_specs=(tokens, tokens, tokens, P(None, None, mlp), P(None, None, mlp), P(None, mlp, None)),
+                      )(x, index, weight, wi_gate, wi_up, wo)
+    return y, jnp.zeros((), jnp.float32)
+
+
+def _mesh_axes(mesh, logical: str) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) the active logical rules give `logical`; () without a mesh."""
+    if mesh.empty:
+        return ()
+    entry = nn.logical_to_mesh_axes((logical,))[0]
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return tuple(n for n in names if isinstance(n, str) and mesh.shape[n] > 1)
+
+
+def _dropless_local(x, index, weight, wi_gate, wi_up, wo, act: Activation, out_dtype=None):
     b, t, d = x.shape
     k = index.shape[-1]
     n_experts = wi_gate.shape[0]
@@ -45,7 +77,7 @@ def dropless(x, index, weight, valid, wi_gate, wi_up, wo, act: Activation):
     out_sorted = jax.lax.ragged_dot(h, wo, group_sizes)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     out = out_sorted[inverse].reshape(b, t, k, d)  # gather back (cheaper to differentiate than scatter-add)
-    return combine(out, weight, x.dtype), jnp.zeros((), jnp.float32)
+    return combine(out, weight, out_dtype or x.dtype)
 
 
 def capacity_slots(n_tokens: int, k: int, n_experts: int, capacity_factor: float) -> int:
