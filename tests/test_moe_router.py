@@ -81,9 +81,10 @@ def test_pooled_load_balance_loss_equals_transformers_aux_loss_over_layers(logit
     torch = pytest.importorskip("torch")
     mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
     layers = [logits, logits[::-1] * 0.5 + 1.0]  # two MoE layers, same padding
-    aux = [dict(zip(("expert_counts", "router_prob_sum", "n_valid"), layer_aux(l, valid)),
-                z_loss=router.z_loss(jnp.asarray(l), jnp.asarray(valid))) for l in layers]
-    ours, _ = router.pooled_router_losses(aux)
+    per_layer = [layer_aux(l, valid) for l in layers]
+    aux_moe = {name: jnp.stack([p[i] for p in per_layer])
+               for i, name in enumerate(("expert_counts", "router_prob_sum", "n_valid"))}
+    ours = router.pooled_load_balance_loss(aux_moe)
     theirs = mixtral.load_balancing_loss_func(
         tuple(torch.from_numpy(l.reshape(-1, E).copy()) for l in layers), E, K,
         attention_mask=torch.from_numpy(valid.astype(np.int64)))
@@ -124,3 +125,17 @@ def test_load_balance_gradient_flows_through_probabilities_only(logits, valid):
     g = jax.grad(loss)(jnp.asarray(logits))
     assert np.isfinite(np.asarray(g)).all() and float(jnp.abs(g).max()) > 0
     assert float(jnp.abs(g[~valid]).max()) == 0.0, "padding tokens must not receive aux-loss gradient"
+
+
+def test_moe_loss_weights_pooled_load_balance_and_z_loss(logits, valid):
+    from ultrathink_jax.config import ModelConfig
+    cfg = ModelConfig(n_experts=E, router_aux_loss_weight=0.5, router_z_loss_weight=0.25)
+    layers = [logits, logits * 0.3]
+    per_layer = [layer_aux(l, valid) for l in layers]
+    aux_moe = {name: jnp.stack([p[i] for p in per_layer])
+               for i, name in enumerate(("expert_counts", "router_prob_sum", "n_valid"))}
+    z = [router.z_loss(jnp.asarray(l), jnp.asarray(valid)) for l in layers]
+    aux_moe["z_loss_sum"] = jnp.stack(z) * aux_moe["n_valid"]
+    expected = 0.5 * float(router.pooled_load_balance_loss(aux_moe)) + 0.25 * (float(z[0]) + float(z[1])) / 2
+    got = float(router.moe_loss(aux_moe, cfg))
+    assert abs(got - expected) < 1e-5, (got, expected)

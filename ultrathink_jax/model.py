@@ -21,6 +21,7 @@ from ultrathink_jax.layers.init import embedding_init, weight_init
 from ultrathink_jax.layers.mlp import MLP
 from ultrathink_jax.layers.norm import RMSNorm
 from ultrathink_jax.layers.rotary import rope_tables
+from ultrathink_jax.moe import MoEMLP  # imports the shared layers, never this module
 
 RESIDUAL_AXES = ("act_batch", "act_length", "act_embed")
 
@@ -67,8 +68,6 @@ class Block(nn.Module):
         x = x + h
         h = RMSNorm(cfg.norm_eps, cfg.dtype, name="post_attention_norm")(x)
         if self.moe:
-            from ultrathink_jax.moe import MoEMLP  # the MoE package imports the shared layers, not the model
-
             h, aux = MoEMLP(cfg, name="moe")(h, valid, self.deterministic)
         else:
             h, aux = MLP(cfg, cfg.d_ff, name="mlp")(h), {}

@@ -1,6 +1,16 @@
-"""Mixture-of-Experts: router (Mixtral semantics), dropless / capacity dispatch, the MoEMLP layer, telemetry."""
+"""Mixture-of-Experts: router (Mixtral semantics), dropless / capacity dispatch, the MoEMLP layer, telemetry.
+
+For the trainer:
+  moe_loss(aux["moe"], config)    -> scalar to add to the LM loss (weighted load-balance + z-loss; the
+                                     load-balance term equals transformers' aux_loss over all layers)
+  moe_metrics(aux["moe"], config) -> {"moe/load_balance_factor": ..., "moe/layer_3/drop_fraction": ...}
+  moe_report(aux["moe"], config)  -> end-of-run text: per-expert bar chart + per-layer lines
+aux["moe"] may be summed over micro-batches / steps before moe_metrics / moe_report (they read only the
+additive fields); moe_loss takes ONE micro-batch's aux.
+"""
 
 from ultrathink_jax.moe.layer import MoEMLP
-from ultrathink_jax.moe.router import pooled_router_losses
+from ultrathink_jax.moe.router import moe_loss
+from ultrathink_jax.moe.stats import format_expert_bars, moe_metrics, moe_report
 
-__all__ = ["MoEMLP", "pooled_router_losses"]
+__all__ = ["MoEMLP", "format_expert_bars", "moe_loss", "moe_metrics", "moe_report"]

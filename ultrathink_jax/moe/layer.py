@@ -14,55 +14,24 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ultrathink_jax.config import ModelConfig
+from ultrathink_jax.layers.init import residual_out_init, weight_init
+from ultrathink_jax.layers.mlp import ACTIVATION_FNS, MLP
 from ultrathink_jax.moe import dispatch, router
-
-ACTIVATION_FNS = {
-    "silu": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-}
-
-
-def input_init(config: ModelConfig):
-    # N(0, init_std) truncated at +-2 init_std (jax: stddev is that of the untruncated normal)
-    return jax.nn.initializers.truncated_normal(config.init_std)
-
-
-def output_init(config: ModelConfig):
-    # residual-stream writers are scaled down so the residual variance does not grow with depth
-    return jax.nn.initializers.truncated_normal(config.init_std / (2 * config.n_layers) ** 0.5)
-
-
-class SharedExpert(nn.Module):
-    """Qwen2-MoE's always-on SwiGLU expert (its own intermediate size)."""
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.config
-        dense = lambda features, init, names, name: nn.Dense(  # noqa: E731
-            features, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32,
-            kernel_init=nn.with_logical_partitioning(init, names), name=name)
-        act = ACTIVATION_FNS[cfg.activation]
-        f = cfg.shared_expert_d_ff
-        h = act(dense(f, input_init(cfg), ("embed", "mlp"), "gate_proj")(x)) * \
-            dense(f, input_init(cfg), ("embed", "mlp"), "up_proj")(x)
-        h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
-        return dense(cfg.d_model, output_init(cfg), ("mlp", "embed"), "down_proj")(h)
 
 
 class MoEMLP(nn.Module):
     """x [B, T, D], valid [B, T] (False = padding) -> (y [B, T, D], aux).
 
-    aux (all float32, summable / stackable across layers):
-      aux_loss           unweighted Switch load-balance loss of this layer (transformers' formula)
-      z_loss             unweighted router z-loss of this layer
-      expert_counts [E]  top-k assignments per expert over valid tokens, before dropping
-      router_prob_sum [E] router probability mass per expert over valid tokens (for the pooled aux loss)
-      dropped            valid assignments not computed (capacity dispatch only; 0 when dropless)
-      router_entropy_sum sum over valid tokens of the router entropy, in NATS (stats.py converts to bits)
-      n_valid            number of valid tokens
+    aux (all float32, stackable across layers). The sums are additive over layers, micro-batches and steps;
+    the two per-layer losses are values for this batch (`moe_loss` / `moe_metrics` use only the sums):
+      expert_counts [E]   sum: top-k assignments per expert over valid tokens, before dropping
+      router_prob_sum [E] sum: router probability mass per expert over valid tokens
+      n_valid             sum: number of valid tokens
+      dropped             sum: valid assignments not computed (capacity dispatch; always 0 when dropless)
+      router_entropy_sum  sum: per-token router entropy over valid tokens, in NATS (stats converts to bits)
+      z_loss_sum          sum: logsumexp(router logits)^2 over valid tokens
+      aux_loss            value: this layer's unweighted Switch load-balance loss (transformers' formula)
+      z_loss              value: this layer's unweighted router z-loss (z_loss_sum / n_valid)
     """
 
     config: ModelConfig
@@ -80,16 +49,16 @@ class MoEMLP(nn.Module):
         logits = nn.Dense(
             n_experts, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
             precision=jax.lax.Precision.HIGHEST,  # no TF32 / bf16 passes: routing must match the export
-            kernel_init=nn.with_logical_partitioning(input_init(cfg), ("embed", None)), name="router",
+            kernel_init=nn.with_logical_partitioning(weight_init(cfg), ("embed", None)), name="router",
         )(x.astype(jnp.float32))
         routing = router.route(logits, k, cfg.norm_topk_prob)
 
         def expert_param(name, init, shape, names):
             return self.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32).astype(cfg.dtype)
 
-        wi_gate = expert_param("wi_gate", input_init(cfg), (n_experts, d, f), ("expert", "embed", "mlp"))
-        wi_up = expert_param("wi_up", input_init(cfg), (n_experts, d, f), ("expert", "embed", "mlp"))
-        wo = expert_param("wo", output_init(cfg), (n_experts, f, d), ("expert", "mlp", "embed"))
+        wi_gate = expert_param("wi_gate", weight_init(cfg), (n_experts, d, f), ("expert", "embed", "mlp"))
+        wi_up = expert_param("wi_up", weight_init(cfg), (n_experts, d, f), ("expert", "embed", "mlp"))
+        wo = expert_param("wo", residual_out_init(cfg), (n_experts, f, d), ("expert", "mlp", "embed"))
         act = ACTIVATION_FNS[cfg.activation]
         xc = x.astype(cfg.dtype)
         if cfg.moe_dispatch == "dropless":
@@ -101,9 +70,9 @@ class MoEMLP(nn.Module):
 
         if cfg.shared_expert_d_ff > 0:
             gate = nn.Dense(1, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32,
-                            kernel_init=nn.with_logical_partitioning(input_init(cfg), ("embed", None)),
+                            kernel_init=nn.with_logical_partitioning(weight_init(cfg), ("embed", None)),
                             name="shared_expert_gate")(xc)
-            y = y + jax.nn.sigmoid(gate) * SharedExpert(cfg, name="shared_expert")(xc)
+            y = y + jax.nn.sigmoid(gate) * MLP(cfg, cfg.shared_expert_d_ff, name="shared_expert")(xc)
         y = nn.with_logical_constraint(y, ("act_batch", "act_length", "act_embed"))
 
         counts = router.expert_counts(routing.expert_index, valid, n_experts)
@@ -112,6 +81,7 @@ class MoEMLP(nn.Module):
         aux = {
             "aux_loss": router.load_balance_loss(counts, prob_sum, n_valid),
             "z_loss": router.z_loss(routing.logits, valid),
+            "z_loss_sum": router.z_loss(routing.logits, valid) * n_valid,
             "expert_counts": counts,
             "router_prob_sum": prob_sum,
             "dropped": dropped,

@@ -64,13 +64,21 @@ def entropy_sum(probs: jax.Array, valid: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.sum(plogp, axis=-1) * valid.astype(jnp.float32))
 
 
-def pooled_router_losses(aux: dict) -> tuple[jax.Array, jax.Array]:
-    """(aux_loss, z_loss) of a whole model from its MoE layers' aux dicts stacked on a leading layer axis
-    (or a list of per-layer dicts): the load-balance loss pools the layers' statistics like transformers
-    does, so it equals `MixtralForCausalLM(...).aux_loss`; the z-loss is the mean over layers."""
-    if isinstance(aux, (list, tuple)):
-        aux = jax.tree.map(lambda *xs: jnp.stack(xs), *aux)
-    counts = jnp.sum(aux["expert_counts"], axis=0)
-    prob_sum = jnp.sum(aux["router_prob_sum"], axis=0)
-    n_valid = jnp.sum(aux["n_valid"], axis=0)
-    return load_balance_loss(counts, prob_sum, n_valid), jnp.mean(aux["z_loss"], axis=0)
+def pooled_load_balance_loss(aux_moe: dict) -> jax.Array:
+    """The load-balance loss of a whole model from its MoE layers' aux stacked on a leading layer axis: pools
+    the layers' statistics before multiplying, exactly as transformers' `load_balancing_loss_func` does
+    (so it equals Mixtral's / Qwen2-MoE's `aux_loss`; it is not the mean of the per-layer losses)."""
+    return load_balance_loss(jnp.sum(aux_moe["expert_counts"], axis=0), jnp.sum(aux_moe["router_prob_sum"], axis=0),
+                             jnp.sum(aux_moe["n_valid"]))
+
+
+def pooled_z_loss(aux_moe: dict) -> jax.Array:
+    """Router z-loss over all MoE layers: mean over layers and valid tokens of logsumexp(logits)^2."""
+    return jnp.sum(aux_moe["z_loss_sum"]) / jnp.maximum(jnp.sum(aux_moe["n_valid"]), 1.0)
+
+
+def moe_loss(aux_moe: dict, config) -> jax.Array:
+    """What the trainer adds to the LM loss: router_aux_loss_weight * pooled load-balance loss
+    + router_z_loss_weight * z-loss. `aux_moe` is the model's aux["moe"] for ONE (micro-)batch."""
+    return (config.router_aux_loss_weight * pooled_load_balance_loss(aux_moe)
+            + config.router_z_loss_weight * pooled_z_loss(aux_moe))
