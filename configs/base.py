@@ -1,16 +1,25 @@
-"""Shared skeleton of every config file: each section is owned by the component that reads it."""
+"""Shared skeleton of every config file: each section is owned by the component that reads it.
+
+Sections: `model` (ultrathink_jax.config.ModelConfig), `mesh` (ultrathink_jax.sharding), `data`
+(ultrathink_jax.data.default_config) and the trainer's `train`, `optim`, `checkpoint`, `eval`, `log`
+(ultrathink_jax.train.config). `model.vocab_size = 0` means "the tokenizer's vocabulary, rounded up to a
+multiple of 64".
+"""
 
 import dataclasses
 
 import ml_collections
 
 from ultrathink_jax.config import ModelConfig
+from ultrathink_jax.data import default_config as data_section
+from ultrathink_jax.train.config import sections as train_sections
 
 
 def model_section(**overrides) -> ml_collections.ConfigDict:
     fields = dataclasses.asdict(ModelConfig())
     fields.update(overrides)
-    ModelConfig(**fields)  # validate the preset itself at import time
+    # validate the preset itself at import time (vocab_size 0 = from the tokenizer, resolved by the trainer)
+    ModelConfig(**{**fields, "vocab_size": fields["vocab_size"] or 1})
     return ml_collections.ConfigDict(fields)
 
 
@@ -22,4 +31,5 @@ def mesh_section(**sizes) -> ml_collections.ConfigDict:
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"model": model_section(), "mesh": mesh_section()})
+    return ml_collections.ConfigDict({"model": model_section(), "mesh": mesh_section(), "data": data_section(),
+                                      **train_sections()})

@@ -1,0 +1,31 @@
+"""Trains a model: `python -m launch.train [--config=configs/default.py] [--config.a.b=V ...] [--workdir=DIR]`.
+
+Re-running with the same workdir resumes from its latest checkpoint. Everything lands in the workdir
+(checkpoints, tokenizer, resolved config, TensorBoard events), so `launch.eval --workdir=DIR` needs nothing else.
+"""
+
+import argparse
+import sys
+
+from launch import common
+
+PROG = "launch.train"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="runs/default", help="run directory (created; resumed if it exists)")
+
+    def run() -> int:
+        args, config = common.parse_config_args(parser, argv)
+        from ultrathink_jax.train import train
+
+        train(config, args.workdir)
+        return 0
+
+    return common.run_main(PROG, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The trainer's config sections (`train`, `optim`, `checkpoint`, `eval`, `log`): defaults and validation."""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from ultrathink_jax.config import ConfigError
+
+SCHEDULES = ("cosine", "linear", "constant")
+VOCAB_MULTIPLE = 64  # model.vocab_size = 0 -> tokenizer vocabulary rounded up to this (aligned matmuls)
+
+
+def sections() -> dict[str, ml_collections.ConfigDict]:
+    train = ml_collections.ConfigDict({
+        "steps": 100_000,  # optimizer steps in total (a resumed run continues up to this)
+        "seed": 0,  # parameter init and router-jitter RNG (the data order has its own data.seed)
+        "grad_accum": 1,  # micro-batches per step: data.global_batch_size rows are split into this many
+        "z_loss_weight": 0.0,  # PaLM z-loss on the output logits (0 = off)
+        "sample_tokens": 64,  # tokens generated at the end of training (0 = no sample)
+        "sample_prompt": "def ",
+        "sample_temperature": 0.8,  # 0 = greedy
+    })
+    optim = ml_collections.ConfigDict({
+        "learning_rate": 3e-4,  # peak
+        "schedule": "cosine",  # after linear warmup: cosine or linear decay to min_lr_ratio * peak, or constant
+        "warmup_steps": 2000,
+        "min_lr_ratio": 0.1,
+        "b1": 0.9,
+        "b2": 0.95,
+        "eps": 1e-8,
+        "weight_decay": 0.1,  # decoupled (AdamW); never applied to norm scales or biases
+        "grad_clip": 1.0,  # global-norm clipping (0 = off)
+    })
+    checkpoint = ml_collections.ConfigDict({
+        "every_steps": 1000,  # also saved at the end of the run
+        "max_to_keep": 3,
+        "async_save": True,  # write in a background thread while training continues
+    })
+    evaluation = ml_collections.ConfigDict({
+        "every_steps": 500,  # held-out loss every N steps and at the end (0 = only at the end)
+        "max_batches": 0,  # cap per evaluation (0 = the whole held-out set)
+    })
+    log = ml_collections.ConfigDict({
+        "every_steps": 10,  # console + TensorBoard scalars
+        "tensorboard": True,  # event files in <workdir>/tensorboard
+        "progress": True,  # console progress bar
+        "peak_tflops": 0.0,  # per-device peak for MFU; 0 = known accelerator table, else a measured matmul peak
+    })
+    return {"train": train, "optim": optim, "checkpoint": checkpoint, "eval": evaluation, "log": log}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first unknown section/field or unusable value."""
+    defaults = sections()
+    for name, section in defaults.items():
+        if name not in config:
+            raise ConfigError(f"config: missing section {name!r}")
+        unknown = sorted(set(config[name].keys()) - set(section.keys()))
+        if unknown:
+            raise ConfigError(f"config: unknown field(s) {unknown} in section {name!r}; known: {sorted(section)}")
+    t, o, c, e, l = (config[n] for n in ("train", "optim", "checkpoint", "eval", "log"))
+    checks = [
+        ("train.steps", t.steps, t.steps > 0, "must be positive"),
+        ("train.grad_accum", t.grad_accum, t.grad_accum > 0, "must be positive"),
+        ("train.z_loss_weight", t.z_loss_weight, t.z_loss_weight >= 0, "must be >= 0"),
+        ("train.sample_tokens", t.sample_tokens, t.sample_tokens >= 0, "must be >= 0"),
+        ("train.sample_temperature", t.sample_temperature, t.sample_temperature >= 0, "must be >= 0"),
+        ("optim.learning_rate", o.learning_rate, o.learning_rate > 0, "must be positive"),
+        ("optim.schedule", o.schedule, o.schedule in SCHEDULES, f"must be one of {SCHEDULES}"),
+        ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, "must be >= 0"),
+        ("optim.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "must be in [0, 1]"),
+        ("optim.b1", o.b1, 0 <= o.b1 < 1, "must be in [0, 1)"),
+        ("optim.b2", o.b2, 0 <= o.b2 < 1, "must be in [0, 1)"),
+        ("optim.eps", o.eps, o.eps > 0, "must be positive"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, "must be >= 0"),
+        ("optim.grad_clip", o.grad_clip, o.grad_clip >= 0, "must be >= 0 (0 = off)"),
+        ("checkpoint.every_steps", c.every_steps, c.every_steps > 0, "must be positive"),
+        ("checkpoint.max_to_keep", c.max_to_keep, c.max_to_keep > 0, "must be positive"),
+        ("eval.every_steps", e.every_steps, e.every_steps >= 0, "must be >= 0 (0 = only at the end)"),
+        ("eval.max_batches", e.max_batches, e.max_batches >= 0, "must be >= 0 (0 = all)"),
+        ("log.every_steps", l.every_steps, l.every_steps > 0, "must be positive"),
+        ("log.peak_tflops", l.peak_tflops, l.peak_tflops >= 0 and math.isfinite(l.peak_tflops), "must be >= 0"),
+    ]
+    for name, value, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"config: {name}={value!r} {why}")
+    if config.data.global_batch_size % t.grad_accum:
+        raise ConfigError(f"config: data.global_batch_size={config.data.global_batch_size} must be divisible by "
+                          f"train.grad_accum={t.grad_accum}")

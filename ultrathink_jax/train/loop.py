@@ -1,0 +1,225 @@
+"""The training loop: build everything from the config, resume if the workdir has a checkpoint, train, evaluate,
+checkpoint, log, and print a sample at the end."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+import jax
+import ml_collections
+import numpy as np
+
+from ultrathink_jax import metrics as metrics_lib
+from ultrathink_jax import sharding
+from ultrathink_jax.config import ConfigError, ModelConfig
+from ultrathink_jax.data import build_eval_iterator, build_tokenizer, build_train_iterator
+from ultrathink_jax.train import run as run_lib
+from ultrathink_jax.train import steps as steps_lib
+from ultrathink_jax.train.config import validate
+from ultrathink_jax.train.optim import make_optimizer
+from ultrathink_jax.train.sample import sample_text
+from ultrathink_jax.train.state import TrainState, abstract_state, init_state, state_shardings
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    start_step: int  # the step this invocation started from (0, or the resumed checkpoint's step)
+    final_step: int
+    losses: dict[int, float]  # step -> training loss of that step's batch (steps run by this invocation)
+    evals: dict[int, float]  # step -> held-out mean loss
+    tokens: int  # target tokens trained on by this invocation
+    seconds: float
+    sample: str | None
+    params: object = dataclasses.field(default=None, repr=False)  # the final parameters (on the mesh)
+
+
+def data_parallel_size(mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
+
+
+def evaluate(eval_step, params, batches, mesh, max_batches: int = 0) -> tuple[float, float]:
+    """(token-weighted mean loss, scored targets) over `batches`; sums accumulate in float64 on the host."""
+    loss_sum = weight_sum = 0.0
+    for i, local in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        s, w = jax.device_get(eval_step(params, steps_lib.global_batch(local, mesh)))
+        loss_sum += float(s)
+        weight_sum += float(w)
+    return (loss_sum / weight_sum if weight_sum else float("nan")), weight_sum
+
+
+def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
+    rows = config.data.global_batch_size // config.train.grad_accum
+    dp = data_parallel_size(mesh)
+    if rows % dp:
+        raise ConfigError(f"config: data.global_batch_size={config.data.global_batch_size} / train.grad_accum="
+                          f"{config.train.grad_accum} = {rows} rows per micro-batch, not divisible by the "
+                          f"{dp} data-parallel devices (mesh data x fsdp x expert)")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, until_step: int | None = None,
+          out: TextIO | None = None) -> TrainResult:
+    """Trains to `config.train.steps` (or stops after `until_step`, checkpointing there, as a preempted job
+    would), resuming from the workdir's latest checkpoint. Bad input raises ConfigError / MeshError /
+    DataError / CheckpointError before anything in the workdir is overwritten."""
+    out = out or sys.stderr
+    is_main = jax.process_index() == 0
+    validate(config)
+    workdir = Path(workdir)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    _check_batch(config, mesh)
+    tokenizer = build_tokenizer(config.data, workdir)
+    model = run_lib.resolve_model_config(config, tokenizer.vocab_size)
+    run_lib.check_same_shapes(workdir, model)
+    train_iter = build_train_iterator(config.data, tokenizer, workdir)
+    eval_batches = build_eval_iterator(config.data, tokenizer, workdir=workdir)
+    run_lib.write_run_files(workdir, config, model)
+
+    total = config.train.steps
+    end = min(total, until_step) if until_step is not None else total
+    tx, schedule = make_optimizer(config.optim, total)
+    shardings = state_shardings(model, tx, mesh)
+    store = run_lib.checkpoints(workdir, config)
+    writer = metrics_lib.Writer(workdir / "tensorboard", enabled=is_main and config.log.tensorboard)
+    progress = metrics_lib.Progress(total, enabled=is_main and config.log.progress, stream=out)
+    try:
+        with sharding.activate(mesh):
+            state = _restore_or_init(config, model, tx, mesh, store, train_iter, progress)
+            result = _loop(config, model, mesh, tx, schedule, shardings, state, store, writer, progress,
+                           train_iter, eval_batches, end)
+        store.wait()
+        if config.train.sample_tokens and is_main:
+            result.sample = sample_text(model, result.params, tokenizer, config.train.sample_prompt,
+                                        config.train.sample_tokens, config.train.sample_temperature,
+                                        config.train.seed)
+            progress.message(f"sample:\n{result.sample}")
+            writer.text(result.final_step, "sample", result.sample)
+        return result
+    finally:
+        progress.close()
+        writer.close()
+        store.close()
+
+
+def _restore_or_init(config, model: ModelConfig, tx, mesh, store, train_iter, progress) -> TrainState:
+    latest = store.latest_step()
+    if latest is None:
+        return init_state(model, tx, mesh, config.train.seed)
+    target = abstract_state(model, tx, mesh)
+    step, params, opt_state, prog, data_state = store.restore(
+        latest, target.params, target.opt_state, {"step": target.step, "rng": target.rng})
+    train_iter.set_state(data_state)
+    progress.message(f"resumed from checkpoint step {step} in {store.directory}")
+    return TrainState(params=params, opt_state=opt_state, step=prog["step"], rng=prog["rng"])
+
+
+def _loop(config, model, mesh, tx, schedule, shardings, state, store, writer, progress, train_iter,
+          eval_batches, end) -> TrainResult:
+    cfg_t, cfg_l = config.train, config.log
+    step_fn = steps_lib.jit_train_step(
+        steps_lib.make_train_step(model, tx, schedule, cfg_t.grad_accum, cfg_t.z_loss_weight), shardings, mesh)
+    eval_fn = steps_lib.make_eval_step(model, shardings.params, mesh) if eval_batches is not None else None
+    fpt = metrics_lib.flops_per_token(model, config.data.seq_len)
+    peak, peak_source = metrics_lib.peak_flops_per_device(cfg_l.peak_tflops)
+    peak_total = peak * mesh.size
+    moe = model.n_experts > 0
+
+    start = int(jax.device_get(state.step))
+    result = TrainResult(start, start, {}, {}, 0, 0.0, None)
+    last_saved = start if store.latest_step() == start else None
+    t0 = time.perf_counter()
+    timed = False  # the first step of an invocation includes compilation: not timed
+    window_tokens = window_seconds = 0.0
+    window_steps, timed_tokens, timed_seconds = 0, 0.0, 0.0
+    moe_window = None
+    step = start
+    while step < end:
+        step_t = time.perf_counter()
+        batch = steps_lib.global_batch(next(train_iter), mesh)
+        state, m = step_fn(state, batch)
+        m = jax.device_get(m)
+        step += 1
+        loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            good = store.latest_step()
+            raise TrainingError(f"non-finite loss {loss} (grad norm {grad_norm}) at step {step}; "
+                                f"last good checkpoint: {'none' if good is None else f'step {good}'} in "
+                                f"{store.directory}")
+        result.losses[step] = loss
+        result.tokens += int(m["tokens"])
+        if timed:  # step time = data + compute; evaluation and checkpoint time is left out
+            window_seconds += time.perf_counter() - step_t
+            window_tokens += float(m["tokens"])
+            window_steps += 1
+        timed = True
+        if moe:
+            moe_window = m["moe"] if moe_window is None else jax.tree.map(np.add, moe_window, m["moe"])
+
+        if step % cfg_l.every_steps == 0 or step == end:
+            tps = window_tokens / window_seconds if window_seconds else 0.0
+            step_time = window_seconds / window_steps if window_steps else time.perf_counter() - t0
+            timed_tokens += window_tokens
+            timed_seconds += window_seconds
+            scalars = {"train/loss": loss, "train/perplexity": math.exp(min(loss, 50.0)),
+                       "train/learning_rate": float(m["learning_rate"]), "train/grad_norm": grad_norm,
+                       "train/param_norm": float(m["param_norm"]), "perf/tokens_per_second": tps,
+                       "perf/step_time_s": step_time, "perf/mfu": metrics_lib.mfu(tps, fpt, peak_total)}
+            for k in ("z_loss", "moe_loss"):
+                if k in m:
+                    scalars[f"train/{k}"] = float(m[k])
+            if moe:
+                from ultrathink_jax.moe import moe_metrics
+
+                scalars.update({k: float(v) for k, v in moe_metrics(moe_window).items()})
+                moe_window = None
+            writer.scalars(step, scalars)
+            eta = (end - step) * step_time
+            progress.update(step, loss, tps, eta)
+            window_tokens = window_seconds = 0.0
+            window_steps = 0
+
+        if eval_fn is not None and config.eval.every_steps and step % config.eval.every_steps == 0 and step != end:
+            _run_eval(eval_fn, state.params, eval_batches, mesh, config, step, writer, progress, result)
+        if step % config.checkpoint.every_steps == 0 and step != end:
+            store.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
+                       train_iter.get_state())
+            last_saved = step
+
+    if eval_fn is not None and step not in result.evals:
+        _run_eval(eval_fn, state.params, eval_batches, mesh, config, step, writer, progress, result)
+    if last_saved != step:
+        store.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
+                   train_iter.get_state())
+    result.final_step, result.seconds = step, time.perf_counter() - t0
+    result.params = state.params
+    tps = timed_tokens / timed_seconds if timed_seconds else 0.0
+    summary = (f"done: steps {result.start_step}->{step} of {config.train.steps} in "
+               f"{metrics_lib.format_duration(result.seconds)}; {result.tokens} tokens, {metrics_lib.format_rate(tps)}"
+               f" tok/s, MFU {100 * metrics_lib.mfu(tps, fpt, peak_total):.2f}% (peak: {peak_source})")
+    if result.losses:
+        summary += f"; final train loss {result.losses[step]:.4f}"
+    if step in result.evals:
+        summary += f"; eval loss {result.evals[step]:.4f} (perplexity {math.exp(result.evals[step]):.2f})"
+    progress.message(summary + f"; checkpoint {store.directory / str(step)}")
+    return result
+
+
+def _run_eval(eval_fn, params, batches, mesh, config, step, writer, progress, result) -> None:
+    loss, n = evaluate(eval_fn, params, batches, mesh, config.eval.max_batches)
+    result.evals[step] = loss
+    writer.scalars(step, {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": n})
+    progress.message(f"eval step {step}: loss {loss:.4f} perplexity {math.exp(min(loss, 50.0)):.2f} ({int(n)} tokens)")

@@ -1,0 +1,58 @@
+"""TrainState (a pytree: params, opt_state, step, rng) and its shardings, derived from logical axis names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax import struct
+from jax.sharding import Mesh
+
+from ultrathink_jax import sharding
+from ultrathink_jax.config import ModelConfig
+from ultrathink_jax.params import abstract_params, init_params
+
+
+@struct.dataclass
+class TrainState:
+    params: Any  # float32, whatever the compute dtype
+    opt_state: Any  # float32
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    rng: jax.Array  # uint32[2] raw key; step s uses fold_in(rng, s), so a resumed run draws the same numbers
+
+
+def strip_boxes(tree):
+    """The values inside `nn.Partitioned` boxes. (`nn.unbox` would also apply a sharding constraint, which
+    fails on ShapeDtypeStructs while a mesh is active.)"""
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _boxed_abstract_state(config: ModelConfig, tx: optax.GradientTransformation) -> TrainState:
+    params = abstract_params(config)  # nn.Partitioned boxes: optax states built from them keep the logical names
+    return TrainState(params=params, opt_state=jax.eval_shape(tx.init, params),
+                      step=jax.ShapeDtypeStruct((), jnp.int32), rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+
+
+def state_shardings(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    return sharding.state_shardings(mesh, _boxed_abstract_state(config, tx))
+
+
+def abstract_state(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """ShapeDtypeStructs with shardings: the restore target for a checkpoint on this mesh."""
+    shapes = strip_boxes(_boxed_abstract_state(config, tx))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                        state_shardings(config, tx, mesh))
+
+
+def init_state(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int) -> TrainState:
+    shardings = state_shardings(config, tx, mesh)
+    params = init_params(config, mesh, seed)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # independent of the init key
+    return TrainState(params=params, opt_state=opt_state,
+                      step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+                      rng=jax.device_put(rng, shardings.rng))

@@ -1,0 +1,127 @@
+"""The pure, jitted training and evaluation steps.
+
+`train_step(state, batch) -> (state, metrics)`: the batch's rows are split into `grad_accum` micro-batches and a
+`lax.scan` sums (loss sum, target-weight sum, gradients) over them; the sums are divided once by the total weight,
+so 4 micro-batches give exactly the gradient of one 4x batch (token-weighted mean cross-entropy). For MoE models
+the router loss (`ultrathink_jax.moe.moe_loss`, a per-batch mean) is added per micro-batch weighted by the
+micro-batch's target count, and the layers' router statistics are summed over micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ultrathink_jax import losses, sharding
+from ultrathink_jax.config import ModelConfig
+from ultrathink_jax.model import Transformer
+from ultrathink_jax.train.state import TrainState
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
+
+
+def _moe_api():
+    from ultrathink_jax.moe import moe_loss  # helper-owned package; imported only for MoE models
+
+    return moe_loss
+
+
+def micro_batch_loss(config: ModelConfig, z_loss_weight: float, params, batch, rng):
+    """(objective sum, parts): the objective is a *sum* over target tokens so micro-batches add up exactly."""
+    logits, aux, _ = Transformer(config).apply(
+        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+        deterministic=False, rngs={"jitter": rng})
+    ce_sum, weight_sum = losses.cross_entropy(logits, batch["targets"], batch["weights"])
+    objective = ce_sum
+    parts = {"ce_sum": ce_sum, "weight_sum": weight_sum}
+    if z_loss_weight:
+        z_sum = losses.logit_z_loss(logits, batch["weights"])
+        objective = objective + z_loss_weight * z_sum
+        parts["z_sum"] = z_sum
+    if "moe" in aux:
+        moe_weighted = _moe_api()(aux["moe"], config) * weight_sum
+        objective = objective + moe_weighted
+        parts["moe_loss_sum"] = moe_weighted
+        parts["moe"] = aux["moe"]
+    return objective, parts
+
+
+def split_micro_batches(batch: dict, n: int) -> dict:
+    """[B, T] -> [n, B/n, T]; micro-batch m takes rows m, m+n, m+2n, ... so each device's contiguous shard of
+    the batch feeds every micro-batch equally and the split needs no communication."""
+    def split(x):
+        x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, "act_batch") + (None,) * (x.ndim - 2))
+
+    return {k: split(batch[k]) for k in BATCH_KEYS}
+
+
+def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    grad_accum: int, z_loss_weight: float) -> Callable:
+    """The un-jitted step function; see `jit_train_step` for the sharded, donating version."""
+    grad_fn = jax.grad(lambda p, b, r: micro_batch_loss(config, z_loss_weight, p, b, r), has_aux=True)
+
+    def train_step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(state.rng, state.step)
+        micro = split_micro_batches(batch, grad_accum)
+
+        def accumulate(carry, xs):
+            m, micro_batch = xs
+            grads, parts = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, m))
+            return jax.tree.map(jnp.add, carry, (grads, parts)), None
+
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, state.params,
+                                                             jax.tree.map(lambda x: x[0], micro), rng))
+        (grad_sum, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+        denom = jnp.maximum(sums["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grad_sum)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": sums["ce_sum"] / denom,  # token-weighted mean cross-entropy (the number perplexity uses)
+            "grad_norm": optax.global_norm(grads),  # before clipping
+            "param_norm": optax.global_norm(params),
+            "learning_rate": schedule(state.step),
+            "tokens": sums["weight_sum"],
+        }
+        if "z_sum" in sums:
+            metrics["z_loss"] = sums["z_sum"] / denom
+        if "moe_loss_sum" in sums:
+            metrics["moe_loss"] = sums["moe_loss_sum"] / denom
+            metrics["moe"] = sums["moe"]  # router statistics summed over micro-batches
+        return TrainState(params=params, opt_state=opt_state, step=state.step + 1, rng=state.rng), metrics
+
+    return train_step
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+    return {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+
+
+def jit_train_step(step_fn: Callable, state_shardings: TrainState, mesh: Mesh) -> Callable:
+    """Explicit shardings in and out; the old state's buffers are donated to the new one."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings(mesh)),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(config: ModelConfig, param_shardings, mesh: Mesh) -> Callable:
+    """`eval_step(params, batch) -> (loss sum, target-weight sum)`, to be summed over batches then divided once."""
+    def eval_step(params, batch):
+        logits, _, _ = Transformer(config).apply({"params": params}, batch["inputs"], batch["positions"],
+                                                 batch["segment_ids"])
+        return losses.cross_entropy(logits, batch["targets"], batch["weights"])
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings(mesh)), out_shardings=replicated)
+
+
+def global_batch(local: dict, mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays sharded over the mesh's data-parallel axes."""
+    batch_sharding = sharding.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(batch_sharding, local[k]) for k in BATCH_KEYS}
