@@ -139,8 +139,7 @@ class Engine:
         self.mesh = mesh or sharding.make_mesh({}, jax.devices()[:1])
         from ultrathink_jax.params import param_shardings  # params.py builds the model; import when used
 
-        with sharding.activate(self.mesh):
-            self.params = jax.device_put(params, param_shardings(config, self.mesh))
+        self.params = jax.device_put(params, param_shardings(config, self.mesh))
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 sampling: SamplingConfig = SamplingConfig(), eos_id: int | None = None, seed: int = 0) -> Run:
