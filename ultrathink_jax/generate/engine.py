@@ -46,6 +46,11 @@ class Run:
         return bool(jnp.all(self.state["done"]))
 
 
+def token_budget(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> int:
+    """How many tokens a row may produce: max_new_tokens, cut where the row would pass the model's context."""
+    return min(max_new_tokens, config.max_seq_len - prompt_len)
+
+
 def bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << (n - 1).bit_length())
 
@@ -164,7 +169,7 @@ class Engine:
             segment_ids[r, width - len(p):] = 1
             positions[r, width - len(p):] = np.arange(len(p))
             seen[r, list(p)] = True
-            budget[r] = min(max_new_tokens, cfg.max_seq_len - len(p))
+            budget[r] = token_budget(cfg, len(p), max_new_tokens)
         n_new = bucket(int(budget.max()))
         prefill, _, _ = _programs(cfg, sampling, self.mesh)
         on_batch = sharding.batch_sharding(self.mesh)
