@@ -40,8 +40,8 @@ def combine(expert_out: jax.Array, weight: jax.Array, dtype) -> jax.Array:
 def dropless(x, index, weight, valid, wi_gate, wi_up, wo, act: Activation):
     del valid  # padding is computed like any token (its output is unused); nothing is ever dropped
     mesh = jax.sharding.get_abstract_mesh()
-    batch_axes = _mesh_axes(mesh, "act_batch")
-    mlp_axes = _mesh_axes(mesh, "act_mlp")
+    batch_axes = _mesh_axes(mesh, "act_batch", x.shape[0])
+    mlp_axes = _mesh_axes(mesh, "act_mlp", wi_gate.shape[-1])
     if not batch_axes and not mlp_axes:
         return _dropless_local(x, index, weight, wi_gate, wi_up, wo, act), jnp.zeros((), jnp.float32)
 
@@ -56,13 +56,15 @@ def dropless(x, index, weight, valid, wi_gate, wi_up, wo, act: Activation):
     return y, jnp.zeros((), jnp.float32)
 
 
-def _mesh_axes(mesh, logical: str) -> tuple[str, ...]:
-    """The mesh axes (of size > 1) the active logical rules give `logical`; () without a mesh."""
+def _mesh_axes(mesh, logical: str, size: int) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) the active logical rules give `logical`; () without a mesh or when they do
+    not divide `size` (e.g. a batch of one while tracing init: XLA then places the work itself)."""
     if mesh.empty:
         return ()
     entry = nn.logical_to_mesh_axes((logical,))[0]
     names = entry if isinstance(entry, tuple) else (entry,)
-    return tuple(n for n in names if isinstance(n, str) and mesh.shape[n] > 1)
+    axes = tuple(n for n in names if isinstance(n, str) and mesh.shape[n] > 1)
+    return axes if size % math.prod(mesh.shape[n] for n in axes) == 0 else ()
 
 
 def _dropless_local(x, index, weight, wi_gate, wi_up, wo, act: Activation, out_dtype=None):
