@@ -112,7 +112,7 @@ def run(quick: bool) -> str:
     from ultrathink_jax.params import param_count
 
     torch.set_num_threads(TORCH_THREADS)
-    n_new, repeats = (8, 1) if quick else (64, 3)
+    n_new, repeats = (8, 1) if quick else (64, 5)
     batches = (1,) if quick else (1, 8)
     rows = []
     for preset in _presets():
