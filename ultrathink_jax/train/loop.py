@@ -4,17 +4,19 @@ checkpoint, log, and print a sample at the end."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, NamedTuple, TextIO
 
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from ultrathink_jax import metrics as metrics_lib
 from ultrathink_jax import sharding
@@ -91,16 +93,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
 
     total = config.train.steps
     end = min(total, until_step) if until_step is not None else total
-    tx, schedule = make_optimizer(config.optim, total)
-    shardings = state_shardings(model, tx, mesh)
+    fns = step_functions(model, tuple(sorted(config.optim.items())), total, config.train.grad_accum,
+                         config.train.z_loss_weight, mesh)
     store = run_lib.checkpoints(workdir, config)
     writer = metrics_lib.Writer(workdir / "tensorboard", enabled=is_main and config.log.tensorboard)
     progress = metrics_lib.Progress(total, enabled=is_main and config.log.progress, stream=out)
     try:
         with sharding.activate(mesh):
-            state = _restore_or_init(config, model, tx, mesh, store, train_iter, progress)
-            result = _loop(config, model, mesh, tx, schedule, shardings, state, store, writer, progress,
-                           train_iter, eval_batches, end)
+            state = _restore_or_init(config, model, fns.tx, mesh, store, train_iter, progress)
+            result = _loop(config, model, mesh, fns, state, store, writer, progress, train_iter,
+                           eval_batches, end)
         store.wait()
         if config.train.sample_tokens and is_main:
             result.sample = sample_text(model, result.params, tokenizer, config.train.sample_prompt,
@@ -127,12 +129,30 @@ def _restore_or_init(config, model: ModelConfig, tx, mesh, store, train_iter, pr
     return TrainState(params=params, opt_state=opt_state, step=prog["step"], rng=prog["rng"])
 
 
-def _loop(config, model, mesh, tx, schedule, shardings, state, store, writer, progress, train_iter,
-          eval_batches, end) -> TrainResult:
-    cfg_t, cfg_l = config.train, config.log
-    step_fn = steps_lib.jit_train_step(
-        steps_lib.make_train_step(model, tx, schedule, cfg_t.grad_accum, cfg_t.z_loss_weight), shardings, mesh)
-    eval_fn = steps_lib.make_eval_step(model, shardings.params, mesh) if eval_batches is not None else None
+class StepFunctions(NamedTuple):
+    tx: optax.GradientTransformation
+    shardings: TrainState
+    train_step: Callable  # jitted, donates the state
+    eval_step: Callable  # jitted
+
+
+@functools.lru_cache(maxsize=8)
+def step_functions(model: ModelConfig, optim_items: tuple, total_steps: int, grad_accum: int,
+                   z_loss_weight: float, mesh) -> StepFunctions:
+    """Built once per distinct setting, so a process that trains again (a resume, a test) reuses the
+    compiled steps instead of tracing and compiling them anew."""
+    tx, schedule = make_optimizer(ml_collections.ConfigDict(dict(optim_items)), total_steps)
+    shardings = state_shardings(model, tx, mesh)
+    train_step = steps_lib.jit_train_step(
+        steps_lib.make_train_step(model, tx, schedule, grad_accum, z_loss_weight), shardings, mesh)
+    return StepFunctions(tx, shardings, train_step, steps_lib.make_eval_step(model, shardings.params, mesh))
+
+
+def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progress, train_iter, eval_batches,
+          end) -> TrainResult:
+    cfg_l = config.log
+    step_fn = fns.train_step
+    eval_fn = fns.eval_step if eval_batches is not None else None
     fpt = metrics_lib.flops_per_token(model, config.data.seq_len)
     peak, peak_source = metrics_lib.peak_flops_per_device(cfg_l.peak_tflops)
     peak_total = peak * mesh.size

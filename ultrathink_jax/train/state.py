@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -13,7 +14,8 @@ from jax.sharding import Mesh
 
 from ultrathink_jax import sharding
 from ultrathink_jax.config import ModelConfig
-from ultrathink_jax.params import abstract_params, init_params
+from ultrathink_jax.model import Transformer
+from ultrathink_jax.params import abstract_params
 
 
 @struct.dataclass
@@ -48,11 +50,18 @@ def abstract_state(config: ModelConfig, tx: optax.GradientTransformation, mesh: 
                         state_shardings(config, tx, mesh))
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_init(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh):
+    """One compiled initialiser per (model, optimizer, mesh): every shard is created on its own device."""
+    def init(seed):
+        ones = jnp.ones((1, 1), jnp.int32)  # shapes only: tokens, positions, segment ids
+        params = strip_boxes(Transformer(config).init({"params": jax.random.key(seed)}, ones, ones, ones)["params"])
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # independent of the init key
+        return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), rng=rng)
+
+    return jax.jit(init, out_shardings=state_shardings(config, tx, mesh))
+
+
 def init_state(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int) -> TrainState:
-    shardings = state_shardings(config, tx, mesh)
-    params = init_params(config, mesh, seed)
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # independent of the init key
-    return TrainState(params=params, opt_state=opt_state,
-                      step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
-                      rng=jax.device_put(rng, shardings.rng))
+    """Fresh state; params equal `params.init_params(config, mesh, seed)`."""
+    return _jitted_init(config, tx, mesh)(jnp.asarray(seed, jnp.uint32))

@@ -84,8 +84,8 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, sched
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": sums["ce_sum"] / denom,  # token-weighted mean cross-entropy (the number perplexity uses)
-            "grad_norm": optax.global_norm(grads),  # before clipping
-            "param_norm": optax.global_norm(params),
+            "grad_norm": optax.tree.norm(grads),  # before clipping
+            "param_norm": optax.tree.norm(params),
             "learning_rate": schedule(state.step),
             "tokens": sums["weight_sum"],
         }

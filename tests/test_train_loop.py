@@ -1,0 +1,88 @@
+"""The training loop end to end on a tiny model: loss falls, resume is exact, divergence stops cleanly."""
+
+import math
+import struct
+
+import numpy as np
+import pytest
+
+from test_train_fixtures import tiny_config, write_corpus
+from ultrathink_jax.train import TrainingError, checkpoint_steps, train
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run_full")
+    return workdir, train(tiny_config(*corpus), workdir)
+
+
+def test_short_run_lowers_the_training_loss(uninterrupted):
+    _, result = uninterrupted
+    losses = [result.losses[s] for s in range(1, STEPS + 1)]
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < first - 1.0, f"loss did not fall: first 3 steps {first:.3f}, last 3 steps {last:.3f}"
+
+
+def test_run_ends_with_heldout_loss_and_a_final_checkpoint(uninterrupted):
+    workdir, result = uninterrupted
+    assert set(result.evals) == {STEPS}, f"evaluated at steps {sorted(result.evals)}"
+    assert math.isfinite(result.evals[STEPS]) and result.evals[STEPS] < result.losses[1]
+    assert checkpoint_steps(workdir) == [4, 8, 12]
+    for name in ("config.json", "model_config.json", "tokenizer/tokenizer.json"):
+        assert (workdir / name).is_file(), f"{name} missing from the run directory"
+
+
+def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of TFRecord event files (length, crc, payload, crc), parsed with tensorboardX's protobufs."""
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for file in sorted(logdir.glob("events.out.tfevents.*")):
+        data = file.read_bytes()
+        i = 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+            i += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_tensorboard_has_every_training_curve(uninterrupted):
+    workdir, result = uninterrupted
+    scalars = read_scalars(workdir / "tensorboard")
+    expected = {"train/loss", "train/perplexity", "train/learning_rate", "train/grad_norm", "train/param_norm",
+                "perf/tokens_per_second", "perf/step_time_s", "perf/mfu", "eval/loss", "eval/perplexity"}
+    assert expected <= set(scalars), f"missing TensorBoard tags: {sorted(expected - set(scalars))}"
+    assert [s for s, _ in scalars["train/loss"]] == [4, 8, 12]
+    assert scalars["train/loss"][-1][1] == pytest.approx(result.losses[12])
+    assert all(v > 0 for _, v in scalars["perf/tokens_per_second"][1:]), scalars["perf/tokens_per_second"]
+
+
+def test_stopping_and_resuming_reproduces_the_uninterrupted_losses(uninterrupted, corpus, tmp_path):
+    _, full = uninterrupted
+    config = tiny_config(*corpus)
+    first = train(config, tmp_path, until_step=5)  # checkpoints at 4 and (on stopping) 5
+    assert checkpoint_steps(tmp_path)[-1] == 5
+    second = train(config, tmp_path)
+    assert second.start_step == 5
+    resumed = {**first.losses, **second.losses}
+    mismatches = {s: (resumed[s], full.losses[s]) for s in full.losses if resumed[s] != full.losses[s]}
+    assert not mismatches, f"per-step losses differ after resume (resumed, uninterrupted): {mismatches}"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    config = tiny_config(*corpus, **{"optim.learning_rate": 1e30, "optim.warmup_steps": 0,
+                                     "optim.grad_clip": 0.0, "checkpoint.every_steps": 1, "train.steps": 50})
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step (\d+); last good checkpoint") as err:
+        train(config, tmp_path)
+    bad_step = int(err.value.args[0].split("at step ")[1].split(";")[0])
+    assert checkpoint_steps(tmp_path)[-1] == bad_step - 1, f"checkpoints {checkpoint_steps(tmp_path)}"
