@@ -26,6 +26,7 @@ from ultrathink_jax import sharding
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.generate.sampling import GenerationError, SamplingConfig, next_token
 from ultrathink_jax.model import Transformer, init_cache
+from ultrathink_jax.params import param_shardings
 
 PAD_ID = 0  # what padding rows and finished rows hold; never attended to or returned
 MIN_BUCKET = 16
@@ -102,8 +103,10 @@ def _programs(config: ModelConfig, sampling: SamplingConfig, mesh: Mesh):
         return choose(state, logits, jnp.zeros((), jnp.int32))
 
     def step(params, state):
-        ones = jnp.ones_like(state["token"])[:, None]
-        logits, cache = forward(params, state["token"][:, None], state["position"][:, None], ones, state["cache"])
+        # finished and batch-filler rows feed padding (segment 0): MoE layers then leave them out of routing
+        segment_ids = jnp.where(state["done"], 0, 1)[:, None]
+        logits, cache = forward(params, state["token"][:, None], state["position"][:, None], segment_ids,
+                                state["cache"])
         state = {**state, "cache": cache, "position": state["position"] + 1}
         return choose(state, logits, state["step"])
 
@@ -142,8 +145,6 @@ class Engine:
     def __init__(self, params, config: ModelConfig, mesh: Mesh | None = None):
         self.config = config
         self.mesh = mesh or sharding.make_mesh({}, jax.devices()[:1])
-        from ultrathink_jax.params import param_shardings  # params.py builds the model; import when used
-
         self.params = jax.device_put(params, param_shardings(config, self.mesh))
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
