@@ -206,7 +206,7 @@ def jax_tree_to_twin(cfg: ModelConfig, tree) -> dict[str, torch.Tensor]:
     for entry in tensor_table(cfg):
         if entry.layout != "zeros":
             shape = np.shape(_leaf(tree, entry.jax_path))[len(entry.index):]
-            named[entry.hf_name] = torch.from_numpy(hf_tensor(tree, entry, lambda e: shape))
+            named[entry.hf_name] = torch.from_numpy(hf_tensor(tree, entry, lambda e: shape).copy())
     return to_twin_names(named, config_from_dict(to_hf_config(cfg)))
 
 

@@ -59,3 +59,6 @@ def assert_grads_close(actual: dict[str, torch.Tensor], expected: dict[str, torc
         if dev > tol:
             failures.append((dev / tol, f"{name}: max|Δ|={dev:.3e} at {where}, tolerance {tol:.3e}"))
     assert not failures, f"{len(failures)} gradient(s) off; worst: " + max(failures)[1]
+
+# Training parity (JAX/optax vs twin/torch.optim, 20 AdamW steps): per-step loss, |Δ| <= TRAIN_LOSS_REL * max(1, |twin|).
+TRAIN_LOSS_REL = 1e-4
