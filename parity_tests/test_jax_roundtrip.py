@@ -1,0 +1,65 @@
+"""Round trip from transformers: a checkpoint saved by transformers -> import -> export gives byte-identical tensors,
+and layouts the model cannot represent are refused by name."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import transformers
+from safetensors import safe_open
+
+from parity_tests.conftest import VOCAB, randomize_
+from ultrathink_jax.hf import HFFormatError, export_params, load_hf
+
+SUPPORTED = ["llama_gqa_head_dim", "llama_tied_gelu", "mixtral_window", "qwen2_moe_dense_window"]
+# Qwen2-MoE with MoE every 2nd layer and a shared expert, the layout our MoE models export to.
+QWEN2_MOE = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                 shared_expert_intermediate_size=24, norm_topk_prob=False, decoder_sparse_step=2, qkv_bias=False,
+                 mlp_only_layers=[], tie_word_embeddings=False)
+
+
+def tensors_of(directory) -> dict[str, tuple]:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), framework="np") as st:
+            for name in st.keys():
+                t = st.get_tensor(name)
+                out[name] = (t.dtype.str, t.shape, t.tobytes())
+    return out
+
+
+def assert_byte_identical(original, exported):
+    a, b = tensors_of(original), tensors_of(exported)
+    assert a.keys() == b.keys(), f"tensor names differ: only in original {sorted(a.keys() - b.keys())[:3]}, " \
+                                 f"only in export {sorted(b.keys() - a.keys())[:3]}"
+    differ = [n for n in a if a[n] != b[n]]
+    assert not differ, f"{len(differ)} tensors differ after import -> export, e.g. {differ[:3]}"
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_import_then_export_reproduces_every_tensor_bytewise(name, reference, tmp_path):
+    _, path = reference(name)
+    config, params = load_hf(path)
+    assert_byte_identical(path, export_params(params, config, tmp_path / "out"))
+
+
+def test_qwen2_moe_with_shared_expert_round_trips_bytewise(tmp_path):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
+        model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(vocab_size=VOCAB, **QWEN2_MOE))
+    randomize_(model)
+    model.save_pretrained(tmp_path / "hf")
+    config, params = load_hf(tmp_path / "hf")
+    assert (config.moe_every, config.moe_first_dense, config.shared_expert_d_ff) == (2, 0, 24)
+    assert_byte_identical(tmp_path / "hf", export_params(params, config, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("name,message", [
+    ("qwen2_moe_shared_mixed", "only leading dense layers"),  # MoE, dense, MoE
+    ("qwen2_moe_step_window", "per-layer attention windows"),  # window on every other layer
+])
+def test_unrepresentable_layouts_are_refused_by_name(name, message, reference):
+    with pytest.raises(HFFormatError, match=message):
+        load_hf(reference(name)[1])
