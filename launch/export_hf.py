@@ -1,0 +1,42 @@
+"""Exports a training run as a Hugging Face model directory:
+`python -m launch.export_hf --workdir=RUN [--step=N] --out=DIR [--dtype=float32|bfloat16|float16] [--overwrite]`.
+
+The directory loads offline with `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and
+`AutoTokenizer.from_pretrained(DIR)` (llama, mixtral or qwen2_moe, chosen from the model's layout).
+"""
+
+import argparse
+import sys
+
+from launch import common
+
+PROG = "launch.export_hf"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="a launch.train run directory")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    parser.add_argument("--dtype", default="float32", help="weight dtype: float32, bfloat16 or float16")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        from ultrathink_jax.hf import ExportError, HFFormatError
+        from ultrathink_jax.hf.run import export_run
+
+        try:
+            out = export_run(args.workdir, args.out, args.step, args.dtype, args.overwrite)
+        except (ExportError, HFFormatError) as e:
+            print(f"{PROG}: error: {common.one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"exported {args.workdir} to {out}")
+        return 0
+
+    return common.run_main(PROG, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

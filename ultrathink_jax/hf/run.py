@@ -1,0 +1,98 @@
+"""Training runs <-> Hugging Face directories: export a run's checkpoint, or turn an HF checkpoint into a run that
+`launch.train` resumes from (fine-tuning).
+
+An imported run directory is what `launch.train` would have left after step 0: the resolved config (model section
+from the HF config.json, everything else from the given training config), model_config.json, the HF tokenizer,
+and checkpoint 0 (the HF weights, a fresh optimizer state, the data iterator at its start). It also gets a
+`config.py` that returns that config, so the fine-tuning command is
+`python -m launch.train --config=RUN/config.py --workdir=RUN [--config.train.steps=N ...]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ultrathink_jax.hf.export import DTYPES, ExportError, export_params, prepare_out_dir
+from ultrathink_jax.hf.load import HFCheckpointNotFoundError, load_hf
+
+# Model fields that do not change the weights or the maths of the exported model: kept from the training config.
+TRAINING_ONLY_FIELDS = ("dtype", "remat_policy", "attention_impl", "moe_dispatch", "capacity_factor",
+                        "router_z_loss_weight")
+CONFIG_PY = '''"""Written by launch.import_hf: the resolved config of this run (config.json beside this file)."""
+import json
+import pathlib
+
+import ml_collections
+
+
+def get_config():
+    return ml_collections.ConfigDict(json.loads((pathlib.Path(__file__).parent / "config.json").read_text()))
+'''
+
+
+def export_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
+               dtype: str = "float32", overwrite: bool = False, **kwargs) -> Path:
+    """Exports checkpoint `step` (default: latest) of a training run, with its tokenizer."""
+    from ultrathink_jax.train import load_run
+
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # fail before restoring anything
+        raise ExportError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
+    run = load_run(workdir, step)
+    return export_params(run.params, run.model_config, out, dtype, run.tokenizer, overwrite=overwrite, **kwargs)
+
+
+def import_run(hf_dir: str | os.PathLike, workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> Path:
+    """Writes checkpoint 0 of a new run in `workdir` from the Hugging Face directory `hf_dir`."""
+    from ultrathink_jax import sharding
+    from ultrathink_jax.data import build_train_iterator, load_tokenizer
+    from ultrathink_jax.data.pipeline import TOKENIZER_DIR
+    from ultrathink_jax.train import run as run_lib
+    from ultrathink_jax.train.config import validate
+    from ultrathink_jax.train.optim import make_optimizer
+    from ultrathink_jax.train.state import state_shardings
+
+    hf_dir, workdir = Path(hf_dir), Path(workdir)
+    model, params = load_hf(hf_dir)
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise HFCheckpointNotFoundError(f"no tokenizer.json in {hf_dir}: the run needs the model's tokenizer")
+    if run_lib.has_checkpoint(workdir):
+        raise ExportError(f"workdir {workdir} already holds checkpoints; import into a new workdir")
+    tokenizer = load_tokenizer(hf_dir)
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    fields = dataclasses.asdict(model)
+    for name in TRAINING_ONLY_FIELDS:
+        fields[name] = config.model[name]
+    config.model = ml_collections.ConfigDict(fields)
+    validate(config)
+    model = run_lib.resolve_model_config(config, tokenizer.vocab_size)
+
+    tokenizer.save(workdir / TOKENIZER_DIR)
+    data_state = build_train_iterator(config.data, tokenizer, workdir).get_state()
+    mesh = sharding.make_mesh(dict(config.mesh))
+    tx, _ = make_optimizer(config.optim, config.train.steps)
+    shardings = state_shardings(model, tx, mesh)
+    with sharding.activate(mesh):
+        params = jax.device_put(params, shardings.params)
+        opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    # what launch.train's fresh state holds at step 0 (same RNG derivation as train.state.init_state)
+    progress = {"step": jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+                "rng": jax.device_put(jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 1), shardings.rng)}
+    run_lib.write_run_files(workdir, config, model)
+    store = run_lib.checkpoints(workdir, config)
+    try:
+        store.save(0, params, opt_state, progress, data_state)
+        store.wait()
+    finally:
+        store.close()
+    (workdir / "config.py").write_text(CONFIG_PY)
+    return workdir
