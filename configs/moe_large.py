@@ -1,0 +1,12 @@
+"""ULTRATHINK Large-MoE: the Large shape with every MLP replaced by 8 SwiGLU experts, top-2 routing. Each expert is
+half as wide as Large's MLP, so the active MLP compute per token equals Large's (PARAMS_NOTE)."""
+
+from configs import base, large
+
+
+def get_config():
+    config = large.get_config()
+    dense = config.model
+    config.model = base.model_section(**{**dense.to_dict(), "n_experts": 8, "n_experts_per_tok": 2,
+                                         "moe_d_ff": dense.d_ff // 2})
+    return config
