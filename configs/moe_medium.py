@@ -1,5 +1,6 @@
 """ULTRATHINK Medium-MoE: the Medium shape with every MLP replaced by 8 SwiGLU experts, top-2 routing. Each expert is
-half as wide as Medium's MLP, so the active MLP compute per token equals Medium's (PARAMS_NOTE)."""
+half as wide as Medium's MLP, so the active MLP compute per token equals Medium's (2.12B parameters, 757M active
+per token)."""
 
 from configs import base, medium
 

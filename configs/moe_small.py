@@ -1,5 +1,6 @@
 """ULTRATHINK Small-MoE: the Small shape with every MLP replaced by 8 SwiGLU experts, top-2 routing. Each expert is
-half as wide as Small's MLP, so the active MLP compute per token equals Small's (PARAMS_NOTE)."""
+half as wide as Small's MLP, so the active MLP compute per token equals Small's (964M parameters, 355M active per
+token)."""
 
 from configs import base, small
 

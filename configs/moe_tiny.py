@@ -1,5 +1,5 @@
-"""ULTRATHINK Tiny-MoE: the Tiny shape with every MLP replaced by 8 SwiGLU experts, top-2 routing. Each expert is
-half as wide as Tiny's MLP, so the active MLP compute per token equals Tiny's (PARAMS_NOTE)."""
+"""ULTRATHINK Tiny-MoE: the Tiny shape with every MLP replaced by 8 SwiGLU experts, top-2 routing. Each expert is half
+as wide as Tiny's MLP, so the active MLP compute per token equals Tiny's (293M parameters, 124M active per token)."""
 
 from configs import base, tiny
 

@@ -15,7 +15,7 @@ from flax import linen as nn
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.losses import cross_entropy
 from ultrathink_jax.model import Transformer
-from ultrathink_jax.moe import moe_loss
+from ultrathink_jax.moe import inactive_expert_params, moe_loss
 from ultrathink_jax.params import abstract_params, param_count
 
 TITLE = "MoE: dropless vs capacity dispatch vs dense with equal active parameters (training fwd+bwd)"
@@ -38,13 +38,6 @@ def _configs(quick: bool) -> tuple[dict[str, ModelConfig], int, int]:
         "moe dropless": moe,
         f"moe capacity (factor {moe.capacity_factor})": dataclasses.replace(moe, moe_dispatch="capacity"),
     }, batch, seq
-
-
-def active_params(config: ModelConfig) -> int:
-    """Parameters one token's forward pass touches: all but the experts it is not routed to."""
-    n_moe = sum(config.is_moe_layer(i) for i in range(config.n_layers))
-    unused = (config.n_experts - config.n_experts_per_tok) * 3 * config.d_model * config.resolved_moe_d_ff
-    return param_count(config) - n_moe * unused
 
 
 def _loss(config, params, tokens):
@@ -85,7 +78,7 @@ def run(quick: bool) -> str:
     for name, config in configs.items():
         r = _measure(config, batch, seq, repeats)
         dense_tps = dense_tps or r["tokens_per_s"]
-        rows.append(f"| {name} | {param_count(config) / 1e6:.2f}M | {active_params(config) / 1e6:.2f}M | "
+        rows.append(f"| {name} | {param_count(config) / 1e6:.2f}M | {(param_count(config) - inactive_expert_params(config)) / 1e6:.2f}M | "
                     f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / dense_tps:.2f}x | "
                     f"{100 * r['dropped']:.1f}% | {r['compile_s']:.1f} |")
     moe = configs["moe dropless"]

@@ -9,8 +9,8 @@ aux["moe"] may be summed over micro-batches / steps before moe_metrics / moe_rep
 additive fields); moe_loss takes ONE micro-batch's aux.
 """
 
-from ultrathink_jax.moe.layer import MoEMLP
+from ultrathink_jax.moe.layer import MoEMLP, inactive_expert_params
 from ultrathink_jax.moe.router import moe_loss
 from ultrathink_jax.moe.stats import format_expert_bars, moe_metrics, moe_report
 
-__all__ = ["MoEMLP", "format_expert_bars", "moe_loss", "moe_metrics", "moe_report"]
+__all__ = ["MoEMLP", "format_expert_bars", "inactive_expert_params", "moe_loss", "moe_metrics", "moe_report"]

@@ -89,3 +89,11 @@ class MoEMLP(nn.Module):
             "n_valid": n_valid,
         }
         return y, aux
+
+
+def inactive_expert_params(config: ModelConfig) -> int:
+    """Expert parameters a token does NOT use: per MoE layer, the (E - k) unchosen experts' SwiGLU weights.
+    Active parameters per token = `params.param_count(config)` minus this."""
+    n_moe = sum(config.is_moe_layer(i) for i in range(config.n_layers))
+    per_expert = 3 * config.d_model * config.resolved_moe_d_ff
+    return n_moe * (config.n_experts - config.n_experts_per_tok) * per_expert
