@@ -57,3 +57,24 @@ def tiny_config(train_file: Path, eval_file: Path | None = None, **overrides):
             node = node[part]
         node[last] = value
     return config
+
+
+def make_run_dir(workdir: Path, config, seed: int = 0):
+    """A run directory as launch.train leaves it, holding a step-0 checkpoint of freshly initialised params
+    (no training: nothing to compile but the initialiser). Returns the ModelConfig."""
+    import jax.numpy as jnp
+
+    from ultrathink_jax import sharding
+    from ultrathink_jax.data import build_tokenizer
+    from ultrathink_jax.params import init_params
+    from ultrathink_jax.train import run
+
+    tokenizer = build_tokenizer(config.data, workdir)
+    model = run.resolve_model_config(config, tokenizer.vocab_size)
+    run.write_run_files(workdir, config, model)
+    params = init_params(model, sharding.make_mesh({"fsdp": -1}), seed)
+    store = run.checkpoints(workdir, config)
+    store.save(0, params, {"unused": jnp.zeros(())}, {"step": jnp.zeros((), jnp.int32)}, None)
+    store.wait()
+    store.close()
+    return model

@@ -1,0 +1,102 @@
+"""The pure training step: token-weighted gradient accumulation, the weight-decay mask, schedules, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from ultrathink_jax import sharding
+from ultrathink_jax.config import ModelConfig
+from ultrathink_jax.data import pack_documents, pack_row
+from ultrathink_jax.train.config import sections
+from ultrathink_jax.train.optim import decay_mask, learning_rate_schedule, make_optimizer
+from ultrathink_jax.train.state import abstract_state, init_state, state_shardings
+from ultrathink_jax.train.steps import jit_train_step, make_train_step, global_batch
+
+CONFIG = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16)
+ROWS, SEQ = 32, 16
+
+
+def packed_batch(seed: int = 0) -> dict:
+    """ROWS packed rows of random documents of random lengths: several segments and zero weights per row."""
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(1, CONFIG.vocab_size, size=rng.integers(3, 30)).tolist() for _ in range(60)]
+    stream = pack_documents(docs, eos_id=0, vocab_size=CONFIG.vocab_size)
+    rows = [pack_row(stream, r, SEQ, pad_id=0) for r in range(ROWS)]
+    return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+
+def test_four_accumulated_micro_batches_equal_one_four_times_larger_batch():
+    mesh = sharding.make_mesh({}, jax.devices()[:1])  # the arithmetic does not depend on the mesh; compiles fast
+    tx = optax.sgd(1.0)  # new params = params - grads: the update exposes the gradient itself
+    batch = packed_batch()
+    with sharding.activate(mesh):
+        state = init_state(CONFIG, tx, mesh, seed=0)
+        results = {}
+        for accum in (1, 4):
+            step = jit_train_step(make_train_step(CONFIG, tx, lambda s: 1.0, accum, z_loss_weight=0.0),
+                                  state_shardings(CONFIG, tx, mesh), mesh)
+            results[accum] = jax.device_get(step(jax.tree.map(jnp.copy, state), global_batch(batch, mesh)))
+    (one, m1), (four, m4) = results[1], results[4]
+    assert m1["tokens"] == m4["tokens"] == batch["weights"].sum()
+    assert abs(float(m1["loss"]) - float(m4["loss"])) < 1e-5, f"loss {m1['loss']} vs {m4['loss']}"
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), one.params, four.params)
+    worst = max(jax.tree.leaves(diffs))
+    assert worst < 1e-5, f"largest gradient difference {worst:.3g}: {diffs}"
+
+
+def test_weight_decay_skips_norm_scales_but_covers_embeddings_and_matrices():
+    params = abstract_state(CONFIG, optax.identity(), sharding.make_mesh({"fsdp": -1})).params
+    mask = decay_mask(params)
+    flat = {jax.tree_util.keystr(path): decays for path, decays in jax.tree_util.tree_leaves_with_path(mask)}
+    no_decay = sorted(k for k, v in flat.items() if not v)
+    assert no_decay == ["['final_norm']['scale']", "['layers']['block_0']['input_norm']['scale']",
+                        "['layers']['block_0']['post_attention_norm']['scale']"], no_decay
+    assert flat["['embed']['embedding']"] and flat["['lm_head']['kernel']"]
+    assert flat["['layers']['block_0']['attn']['q_proj']['kernel']"]
+
+
+def optim(**overrides) -> ml_collections.ConfigDict:
+    o = sections()["optim"]
+    o.update({"learning_rate": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1, **overrides})
+    return o
+
+
+@pytest.mark.parametrize("kind, mid, end", [("cosine", 0.55, 0.1), ("linear", 0.55, 0.1), ("constant", 1.0, 1.0)])
+def test_schedule_warms_up_linearly_then_decays_to_the_floor(kind, mid, end):
+    lr = learning_rate_schedule(optim(schedule=kind), total_steps=110)
+    values = [float(lr(s)) for s in (0, 4, 9, 60, 110, 500)]
+    assert values[:3] == pytest.approx([0.1, 0.5, 1.0]), values
+    assert values[3:] == pytest.approx([mid, end, end], abs=1e-6), values
+
+
+def first_moment(tx, grads) -> float:
+    """Norm of Adam's first moment after one update: (1 - b1) * the gradient that reached Adam."""
+    params = jax.tree.map(jnp.zeros_like, grads)
+    state = tx.update(grads, tx.init(params), params)[1]
+    adam = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)]
+    return float(optax.tree.norm(adam[0].mu))
+
+
+def test_global_norm_clipping_rescales_the_gradient_before_adam():
+    huge = {"w": jnp.full(4, 1e6)}  # global norm 2e6
+    clipped, _ = make_optimizer(optim(grad_clip=1.0), 10)
+    unclipped, _ = make_optimizer(optim(grad_clip=0.0), 10)
+    assert first_moment(clipped, huge) == pytest.approx(0.1 * 1.0, rel=1e-5)
+    assert first_moment(unclipped, huge) == pytest.approx(0.1 * 2e6, rel=1e-5)
+
+
+def test_bf16_compute_keeps_float32_params_and_optimizer_state():
+    config = ModelConfig(**{**CONFIG.__dict__, "dtype": "bfloat16"})
+    mesh = sharding.make_mesh({"fsdp": -1})
+    tx, _ = make_optimizer(optim(), 100)
+    state = abstract_state(config, tx, mesh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in packed_batch().items()}
+    with sharding.activate(mesh):
+        new_state, metrics = jax.eval_shape(make_train_step(config, tx, lambda s: 1.0, 2, 1e-4), state, batch)
+    dtypes = {str(x.dtype) for x in jax.tree.leaves((new_state.params, new_state.opt_state))}
+    assert dtypes <= {"float32", "int32"}, dtypes
+    assert metrics["loss"].dtype == jnp.float32 and "z_loss" in metrics
