@@ -26,7 +26,6 @@ from ultrathink_jax.train import run as run_lib
 from ultrathink_jax.train import steps as steps_lib
 from ultrathink_jax.train.config import validate
 from ultrathink_jax.train.optim import make_optimizer
-from ultrathink_jax.train.sample import sample_text
 from ultrathink_jax.train.state import TrainState, abstract_state, init_state, state_shardings
 
 log = logging.getLogger(__name__)
@@ -99,15 +98,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
     writer = metrics_lib.Writer(workdir / "tensorboard", enabled=is_main and config.log.tensorboard)
     progress = metrics_lib.Progress(total, enabled=is_main and config.log.progress, stream=out)
     try:
+        progress.message(_describe_data("train", train_iter.stats)
+                         + ("" if eval_batches is None else "; " + _describe_data("eval", eval_batches.stats)))
         with sharding.activate(mesh):
             state = _restore_or_init(config, model, fns.tx, mesh, store, train_iter, progress)
             result = _loop(config, model, mesh, fns, state, store, writer, progress, train_iter,
                            eval_batches, end)
         store.wait()
-        if config.train.sample_tokens and is_main:
-            result.sample = sample_text(model, result.params, tokenizer, config.train.sample_prompt,
-                                        config.train.sample_tokens, config.train.sample_temperature,
-                                        config.train.seed)
+        if config.train.sample_tokens:
+            result.sample = sample_text(model, result.params, tokenizer, config.train, mesh)
             progress.message(f"sample:\n{result.sample}")
             writer.text(result.final_step, "sample", result.sample)
         return result
@@ -115,6 +114,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
         progress.close()
         writer.close()
         store.close()
+
+
+def _describe_data(name: str, stats: dict) -> str:
+    text = f"{name} data: {stats.get('tokens', 0)} tokens in {stats.get('documents', 0)} documents"
+    if stats.get("invalid_utf8"):
+        text += f" ({stats['invalid_utf8']} invalid UTF-8 sequences replaced with U+FFFD)"
+    return text
+
+
+def sample_text(model: ModelConfig, params, tokenizer, train_cfg: ml_collections.ConfigDict, mesh) -> str:
+    """`train.sample_prompt` continued by up to `train.sample_tokens` tokens (stops at end-of-text)."""
+    from ultrathink_jax.generate import generate
+
+    ids = tokenizer.encode(train_cfg.sample_prompt) or [tokenizer.eos_id]  # empty prompt: a fresh document
+    if len(ids) >= model.max_seq_len:
+        ids = ids[-(model.max_seq_len - 1):]
+    new = generate(params, model, [ids], train_cfg.sample_tokens, temperature=train_cfg.sample_temperature,
+                   eos_id=tokenizer.eos_id, seed=train_cfg.seed, mesh=mesh)[0]
+    return train_cfg.sample_prompt + tokenizer.decode(new, skip_special_tokens=True)
 
 
 def _restore_or_init(config, model: ModelConfig, tx, mesh, store, train_iter, progress) -> TrainState:
@@ -165,7 +183,7 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
     timed = False  # the first step of an invocation includes compilation: not timed
     window_tokens = window_seconds = 0.0
     window_steps, timed_tokens, timed_seconds = 0, 0.0, 0.0
-    moe_window = None
+    moe_window = moe_total = None
     step = start
     while step < end:
         step_t = time.perf_counter()
@@ -186,8 +204,9 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
             window_tokens += float(m["tokens"])
             window_steps += 1
         timed = True
-        if moe:
+        if moe:  # router statistics are sums: add them up per logging window and over the run
             moe_window = m["moe"] if moe_window is None else jax.tree.map(np.add, moe_window, m["moe"])
+            moe_total = m["moe"] if moe_total is None else jax.tree.map(np.add, moe_total, m["moe"])
 
         if step % cfg_l.every_steps == 0 or step == end:
             tps = window_tokens / window_seconds if window_seconds else 0.0
@@ -204,7 +223,7 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
             if moe:
                 from ultrathink_jax.moe import moe_metrics
 
-                scalars.update({k: float(v) for k, v in moe_metrics(moe_window).items()})
+                scalars.update({k: float(v) for k, v in moe_metrics(moe_window, model).items()})
                 moe_window = None
             writer.scalars(step, scalars)
             eta = (end - step) * step_time
@@ -235,6 +254,10 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
     if step in result.evals:
         summary += f"; eval loss {result.evals[step]:.4f} (perplexity {math.exp(result.evals[step]):.2f})"
     progress.message(summary + f"; checkpoint {store.directory / str(step)}")
+    if moe_total is not None:
+        from ultrathink_jax.moe import moe_report
+
+        progress.message(moe_report(moe_total, model))
     return result
 
 
