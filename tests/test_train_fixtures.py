@@ -45,7 +45,6 @@ def tiny_config(train_file: Path, eval_file: Path | None = None, **overrides):
     config.optim.learning_rate = 1e-2
     config.optim.warmup_steps = 2
     config.checkpoint.every_steps = 4
-    config.checkpoint.async_save = False
     config.eval.every_steps = 0
     config.log.every_steps = 4
     config.log.progress = False

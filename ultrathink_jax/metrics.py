@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -45,6 +46,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params_per_token(config) + attention
 
 
+@functools.lru_cache(maxsize=None)
 def _measured_peak_flops(device: jax.Device, n: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of a float32 n x n matmul on `device`: the reference where no data-sheet peak is known (CPU)."""
     a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
