@@ -30,9 +30,13 @@ def init(cfg, seed=0):
     return params, x, valid
 
 
+@functools.lru_cache(maxsize=None)
+def jitted(cfg, deterministic):  # one compile per (config, mode); eager op-by-op dispatch is slower
+    return jax.jit(lambda params, x, valid, rngs: MoEMLP(cfg).apply(params, x, valid, deterministic, rngs=rngs))
+
+
 def apply(cfg, params, x, valid, deterministic=True, rngs=None):
-    fn = functools.partial(MoEMLP(cfg).apply, deterministic=deterministic)  # jitted: eager op-by-op is slower
-    return jax.jit(fn)(params, x, valid, rngs=rngs)
+    return jitted(cfg, deterministic)(params, x, valid, rngs)
 
 
 def to_torch(a):
@@ -154,7 +158,9 @@ def test_jitter_multiplies_the_whole_block_input_by_uniform_noise_in_1_plus_minu
         return jnp.full(shape, maxval, dtype)
 
     monkeypatch.setattr(jax.random, "uniform", pinned)
+    jitted.cache_clear()  # trace afresh with the pinned noise
     y, _ = apply(cfg, params, x, valid, deterministic=False, rngs={"jitter": jax.random.key(0)})
+    jitted.cache_clear()
     monkeypatch.setattr(jax.random, "uniform", real_uniform)
     y_ref, _ = apply(cfg, params, 1.3 * x, valid)
     assert seen == {"minval": 0.7, "maxval": 1.3, "shape": x.shape}, seen

@@ -122,7 +122,7 @@ def test_all_padding_batch_gives_zero_losses_not_nan(logits):
 def test_load_balance_gradient_flows_through_probabilities_only(logits, valid):
     def loss(l):
         return router.load_balance_loss(*layer_aux(l, valid))
-    g = jax.grad(loss)(jnp.asarray(logits))
+    g = jax.jit(jax.grad(loss))(jnp.asarray(logits))
     assert np.isfinite(np.asarray(g)).all() and float(jnp.abs(g).max()) > 0
     assert float(jnp.abs(g[~valid]).max()) == 0.0, "padding tokens must not receive aux-loss gradient"
 
