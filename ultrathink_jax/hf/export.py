@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ultrathink_jax.config import ModelConfig
-from ultrathink_jax.hf.mapping import TensorMap, tensor_table, to_hf_config
+from ultrathink_jax.hf.mapping import (HFCompatibilityWarning, TensorMap, tensor_table, to_hf_config,
+                                       transformers4_limitations)
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 # transformers' own default shard size ("5GB", decimal).
@@ -69,7 +71,8 @@ def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
 def export_params(params, config: ModelConfig, out_dir: str | os.PathLike, dtype: str = "float32",
                   tokenizer=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
     """Writes the Hugging Face directory for `params` (plain float32 tree, device or numpy arrays). `tokenizer` is an
-    `ultrathink_jax.data.Tokenizer` or None (no tokenizer files). Returns the directory."""
+    `ultrathink_jax.data.Tokenizer` or None (no tokenizer files). Returns the directory. Warns
+    (HFCompatibilityWarning, one line each) when transformers 4.x will not be able to load the directory."""
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if max_shard_bytes <= 0:
@@ -107,6 +110,8 @@ def export_params(params, config: ModelConfig, out_dir: str | os.PathLike, dtype
     _write_json(out / "generation_config.json", {"_from_model_config": True, **special})
     if tokenizer is not None:
         tokenizer.save(out)
+    for limitation in transformers4_limitations(config):
+        warnings.warn(limitation, HFCompatibilityWarning, stacklevel=2)
     return out
 
 

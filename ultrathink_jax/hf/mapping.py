@@ -15,6 +15,10 @@ Every tensor maps by a transpose/reshape only (the model uses Hugging Face's rot
   *_norm/scale [D]                         *_layernorm.weight, model.norm.weight
   lm_head/kernel [D, V]                    lm_head.weight [V, D] (absent when tied)
 Expert tensors use the per-expert names that transformers 4.x loads and 5.x both writes and loads.
+
+Checked to load exactly (no missing/unexpected tensors, logits within tolerance) in transformers 4.57.6 and 5.x
+(parity_tests/test_hf4_compat.py). The one layout 4.x cannot load is a qwen2_moe export whose head_dim is not
+d_model / n_heads: 4.x's Qwen2MoeAttention refuses it, so export warns (`transformers4_limitations`).
 """
 
 from __future__ import annotations
@@ -36,12 +40,27 @@ class HFFormatError(ValueError):
     """A Hugging Face checkpoint or config our model cannot represent exactly; the message names the field/tensor."""
 
 
+class HFCompatibilityWarning(UserWarning):
+    """An export that transformers 5.x loads exactly but some supported older transformers cannot load."""
+
+
 def family(config: ModelConfig) -> str:
     if not config.n_experts:
         return "qwen2_moe" if config.sliding_window else "llama"
     mixtral_like = (config.moe_first_dense == 0 and config.moe_every == 1 and not config.shared_expert_d_ff
                     and config.norm_topk_prob)
     return "mixtral" if mixtral_like else "qwen2_moe"
+
+
+def transformers4_limitations(config: ModelConfig) -> list[str]:
+    """Why transformers 4.x (checked: 4.57.6) cannot load `config`'s export; [] when it can."""
+    head_dim, implied = config.resolved_head_dim, config.d_model // config.n_heads
+    if family(config) == "qwen2_moe" and head_dim * config.n_heads != config.d_model:
+        # 4.x Qwen2MoeAttention raises "hidden_size must be divisible by num_heads" unless head_dim * heads ==
+        # hidden_size; llama and mixtral honour an explicit head_dim in 4.x.
+        return [f"qwen2_moe export with head_dim={head_dim} != d_model/n_heads={implied}: transformers 5.x loads it, "
+                "transformers 4.x refuses it (its Qwen2MoeAttention requires head_dim * n_heads == hidden_size)"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------------------- config
@@ -96,7 +115,8 @@ def to_hf_config(config: ModelConfig, dtype: str = "float32", bos_token_id: int 
             mlp_only_layers=list(range(cfg.moe_first_dense)) if cfg.n_experts else [],
             router_aux_loss_coef=cfg.router_aux_loss_weight,
             output_router_logits=False,
-            # Qwen2MoeConfig defaults qkv_bias to true; our attention has no biases.
+            # Qwen2MoeConfig defaults qkv_bias to true; our attention has no biases. transformers >= 4.51 (PR 36735)
+            # and 5.x honour the flag; older 4.x always built q/k/v biases.
             qkv_bias=False,
             use_sliding_window=window,
             sliding_window=cfg.sliding_window or None,
