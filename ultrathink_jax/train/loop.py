@@ -88,20 +88,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
     run_lib.check_same_shapes(workdir, model)
     train_iter = build_train_iterator(config.data, tokenizer, workdir)
     eval_batches = build_eval_iterator(config.data, tokenizer, workdir=workdir)
-    run_lib.write_run_files(workdir, config, model)
 
     total = config.train.steps
     end = min(total, until_step) if until_step is not None else total
     fns = step_functions(model, tuple(sorted(config.optim.items())), total, config.train.grad_accum,
                          config.train.z_loss_weight, mesh)
     store = run_lib.checkpoints(workdir, config)
-    writer = metrics_lib.Writer(workdir / "tensorboard", enabled=is_main and config.log.tensorboard)
     progress = metrics_lib.Progress(total, enabled=is_main and config.log.progress, stream=out)
+    writer = None
     try:
         progress.message(_describe_data("train", train_iter.stats)
                          + ("" if eval_batches is None else "; " + _describe_data("eval", eval_batches.stats)))
         with sharding.activate(mesh):
             state = _restore_or_init(config, model, fns.tx, mesh, store, train_iter, progress)
+            # only now, with the checkpoint and data state accepted, may the run's files change
+            run_lib.write_run_files(workdir, config, model)
+            writer = metrics_lib.Writer(workdir / "tensorboard", enabled=is_main and config.log.tensorboard)
             result = _loop(config, model, mesh, fns, state, store, writer, progress, train_iter,
                            eval_batches, end)
         store.wait()
@@ -112,7 +114,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
         return result
     finally:
         progress.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         store.close()
 
 
