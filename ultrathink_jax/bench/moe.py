@@ -88,5 +88,8 @@ def run(quick: bool) -> str:
             f"layer a dense SwiGLU of width {moe.n_experts_per_tok * moe.resolved_moe_d_ff} (equal active "
             f"parameters). Batch {batch} x {seq} tokens, float32, one device, fastest of {repeats} jitted "
             f"steps (forward + backward of cross-entropy + router losses) after a warm-up call; "
-            f"'dropped' is the capacity mode's share of top-k assignments not computed on this random-init batch.")
+            f"'dropped' is the capacity mode's share of top-k assignments not computed on this random-init batch. "
+            f"On the CPU backend XLA lowers `jax.lax.ragged_dot` to a masked dense product over all "
+            f"{moe.n_experts} experts (E x the expert FLOPs; visible in the compiled HLO), which is why dropless "
+            f"trails there; the capacity einsums do about capacity_factor x the useful work.")
     return "\n".join(rows) + "\n\n" + what

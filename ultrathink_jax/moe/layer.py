@@ -78,10 +78,11 @@ class MoEMLP(nn.Module):
         counts = router.expert_counts(routing.expert_index, valid, n_experts)
         prob_sum = router.router_prob_sum(routing.probs, valid)
         n_valid = jnp.sum(valid.astype(jnp.float32))
+        z_loss = router.z_loss(routing.logits, valid)
         aux = {
             "aux_loss": router.load_balance_loss(counts, prob_sum, n_valid),
-            "z_loss": router.z_loss(routing.logits, valid),
-            "z_loss_sum": router.z_loss(routing.logits, valid) * n_valid,
+            "z_loss": z_loss,
+            "z_loss_sum": z_loss * n_valid,
             "expert_counts": counts,
             "router_prob_sum": prob_sum,
             "dropped": dropped,
