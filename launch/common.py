@@ -24,10 +24,13 @@ _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Imports `path` (relative to the working directory, else to the repository root) and calls get_config()."""
+    repo_root = str(Path(__file__).resolve().parents[1])  # config files import `configs.base`
     file = Path(path)
+    if not file.is_file() and not file.is_absolute() and (Path(repo_root) / file).is_file():
+        file = Path(repo_root) / file
     if not file.is_file():
         raise ConfigError(f"config file not found: {path}")
-    repo_root = str(Path(__file__).resolve().parents[1])  # config files import `configs.base`
     if repo_root not in sys.path:
         sys.path.insert(0, repo_root)
     spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
