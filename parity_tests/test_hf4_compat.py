@@ -135,7 +135,7 @@ def test_export_loads_in_transformers4_as_its_family_with_every_tensor_used(name
 
 
 @needs_hf4
-@pytest.mark.parametrize("name", LOADED)
+@pytest.mark.parametrize("name", list(jm.MODELS) + ["mixtral_sharded_bf16"])
 def test_transformers4_logits_match_jax(name, cases, hf4):
     cfg, params, _, _ = cases[name]
     _, arrays = result(hf4, name)
@@ -144,11 +144,16 @@ def test_transformers4_logits_match_jax(name, cases, hf4):
 
 
 @needs_hf4
-@pytest.mark.parametrize("name", list(jm.MODELS))
-def test_transformers4_logits_match_transformers5(name, hf4):
+@pytest.mark.parametrize("name", LOADED)
+def test_transformers4_logits_match_transformers5(name, cases, hf4):
+    """(JAX vs 5.x on these layouts is tested in test_jax_forward.py and tests/test_hf_export.py.)"""
+    import transformers
+
+    cfg, _, d, _ = cases[name]
     _, arrays = result(hf4, name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, local_files_only=True, dtype=torch.float32).eval()
     with torch.no_grad():
-        ref = jm.hf(name, "trained")(jm.torch_ids(tokens())).logits
+        ref = model(jm.torch_ids(tokens() % cfg.vocab_size)).logits
     assert_logits_close(torch.from_numpy(arrays["logits"]), ref, f"{name}: transformers 4.x vs 5.x logits")
 
 
@@ -194,11 +199,11 @@ def test_qwen2_moe_export_with_explicit_head_dim_warns_that_transformers4_refuse
         export_params(random_params(cfg), cfg, tmp_path)
 
 
-@pytest.mark.parametrize("name", ["dense", "mixtral", "qwen2_moe"])
-def test_exports_transformers4_loads_do_not_warn(name, tmp_path):
-    cfg = jm.config(name, head_dim=12)  # llama and mixtral honour an explicit head_dim in 4.x
-    if name == "qwen2_moe":
-        cfg = jm.config(name)
+@pytest.mark.parametrize("name,overrides", [("dense", {"head_dim": 12}), ("mixtral", {"head_dim": 12}),
+                                            ("qwen2_moe", {})])
+def test_exports_that_transformers4_loads_do_not_warn(name, overrides, tmp_path):
+    """llama and mixtral honour an explicit head_dim in 4.x; qwen2_moe with head_dim = d_model / n_heads loads."""
+    cfg = jm.config(name, **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("error", HFCompatibilityWarning)
         export_params(random_params(cfg), cfg, tmp_path)
