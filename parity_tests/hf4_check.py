@@ -26,6 +26,10 @@ import torch
 import transformers
 
 torch.set_num_threads(1)  # tiny models: extra threads only add contention
+# from_pretrained's dtype argument: `dtype` from 4.56 on (`torch_dtype` then warns); before, `dtype` was stored
+# into the config as an unknown attribute.
+_VERSION = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+DTYPE_ARG = "dtype" if _VERSION >= (4, 56) else "torch_dtype"
 
 
 def _loading_info(info: dict) -> dict:
@@ -36,7 +40,7 @@ def _loading_info(info: dict) -> dict:
 def check_model(spec: dict, out: Path, name: str) -> dict:
     model_dir = spec["dir"]
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, local_files_only=True, dtype=torch.float32, output_loading_info=True)
+        model_dir, local_files_only=True, output_loading_info=True, **{DTYPE_ARG: torch.float32})
     model.eval()
     record = {"class": type(model).__name__, "loading": _loading_info(info),
               "head_dim": getattr(model.config, "head_dim", None)}
