@@ -139,3 +139,19 @@ def test_moe_loss_weights_pooled_load_balance_and_z_loss(logits, valid):
     expected = 0.5 * float(router.pooled_load_balance_loss(aux_moe)) + 0.25 * (float(z[0]) + float(z[1])) / 2
     got = float(router.moe_loss(aux_moe, cfg))
     assert abs(got - expected) < 1e-5, (got, expected)
+
+
+def test_moe_loss_per_layer_option_averages_the_layers_own_losses(logits, valid):
+    from ultrathink_jax.config import ModelConfig
+    per_layer_cfg = ModelConfig(n_experts=E, router_aux_loss_weight=0.5, router_z_loss_weight=0.0,
+                                router_aux_loss_per_layer=True)
+    pooled_cfg = ModelConfig(n_experts=E, router_aux_loss_weight=0.5, router_z_loss_weight=0.0)
+    # Two layers routing differently (the second reverses the expert order): pooling mixes their statistics.
+    stats = [layer_aux(l, valid) for l in (logits, logits[..., ::-1])]
+    aux_moe = {name: jnp.stack([s[i] for s in stats])
+               for i, name in enumerate(("expert_counts", "router_prob_sum", "n_valid"))}
+    aux_moe["aux_loss"] = jnp.stack([router.load_balance_loss(*s) for s in stats])
+    aux_moe["z_loss_sum"] = jnp.zeros(2)
+    per_layer = float(router.moe_loss(aux_moe, per_layer_cfg))
+    assert per_layer == pytest.approx(0.5 * float(jnp.mean(aux_moe["aux_loss"])), rel=1e-6)
+    assert per_layer != pytest.approx(float(router.moe_loss(aux_moe, pooled_cfg)), rel=1e-3)

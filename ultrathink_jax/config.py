@@ -48,6 +48,9 @@ class ModelConfig:
     moe_dispatch: str = "dropless"
     capacity_factor: float = 1.25
     router_aux_loss_weight: float = 0.01
+    # False: transformers' aux loss, which pools all layers' statistics (exported models report the same value);
+    # True: the mean of per-layer losses, which also stops one layer's imbalance hiding behind another's.
+    router_aux_loss_per_layer: bool = False
     router_z_loss_weight: float = 0.001
 
     def __post_init__(self):

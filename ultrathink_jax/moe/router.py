@@ -78,7 +78,9 @@ def pooled_z_loss(aux_moe: dict) -> jax.Array:
 
 
 def moe_loss(aux_moe: dict, config) -> jax.Array:
-    """What the trainer adds to the LM loss: router_aux_loss_weight * pooled load-balance loss
-    + router_z_loss_weight * z-loss. `aux_moe` is the model's aux["moe"] for ONE (micro-)batch."""
-    return (config.router_aux_loss_weight * pooled_load_balance_loss(aux_moe)
-            + config.router_z_loss_weight * pooled_z_loss(aux_moe))
+    """What the trainer adds to the LM loss: router_aux_loss_weight * load-balance loss (pooled over layers as
+    transformers does, or the per-layer mean with `router_aux_loss_per_layer`) + router_z_loss_weight * z-loss.
+    `aux_moe` is the model's aux["moe"] for ONE (micro-)batch."""
+    balance = (jnp.mean(aux_moe["aux_loss"]) if config.router_aux_loss_per_layer
+               else pooled_load_balance_loss(aux_moe))
+    return config.router_aux_loss_weight * balance + config.router_z_loss_weight * pooled_z_loss(aux_moe)
