@@ -7,6 +7,7 @@ The directory loads offline with `transformers.AutoModelForCausalLM.from_pretrai
 
 import argparse
 import sys
+import warnings
 
 from launch import common
 
@@ -24,14 +25,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> int:
-        from ultrathink_jax.hf import ExportError, HFFormatError
+        from ultrathink_jax.hf import ExportError, HFCompatibilityWarning, HFFormatError
         from ultrathink_jax.hf.run import export_run
 
         try:
-            out = export_run(args.workdir, args.out, args.step, args.dtype, args.overwrite)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", HFCompatibilityWarning)
+                out = export_run(args.workdir, args.out, args.step, args.dtype, args.overwrite)
         except (ExportError, HFFormatError) as e:
             print(f"{PROG}: error: {common.one_line(e)}", file=sys.stderr)
             return 2
+        for w in caught:
+            if issubclass(w.category, HFCompatibilityWarning):
+                print(f"{PROG}: warning: {common.one_line(w.message)}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         print(f"exported {args.workdir} to {out}")
         return 0
 
