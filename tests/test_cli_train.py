@@ -38,9 +38,10 @@ def test_train_then_resume_then_eval(capsys, corpus_with_bad_bytes, tmp_path):
 
     assert train_cli.main(argv) == 0  # re-running the same command resumes (here: nothing left to train)
     err = capsys.readouterr().err
-    assert "resumed from checkpoint step 12" in err and "done: steps 12->12 of 12" in err, err
+    assert "resumed from checkpoint step 12" in err and "done: steps 12->12 of 12 in" in err, err
+    assert "(nothing left to train)" in err, err
 
     assert eval_cli.main([f"--workdir={workdir}", f"--eval_files={eval_file}"]) == 0
     out = capsys.readouterr().out
-    assert re.fullmatch(rf"step 12: loss \d+\.\d+ perplexity \d+\.\d+ over \d+ tokens \({re.escape(str(eval_file))}\)\n",
-                        out), out
+    expected = rf"step 12: loss \d+\.\d+ perplexity \d+\.\d+ over \d+ tokens \({re.escape(str(eval_file))}\)\n"
+    assert re.fullmatch(expected, out), out

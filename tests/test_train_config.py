@@ -26,7 +26,8 @@ def test_benchmark_config_reproduces_the_original_settings():
     c = benchmark.get_config()
     validate(c)
     o = c.optim
-    assert (o.learning_rate, o.weight_decay, o.warmup_steps, o.schedule, o.grad_clip) == (3e-4, 0.1, 2000, "cosine", 1.0)
+    assert (o.learning_rate, o.weight_decay, o.warmup_steps, o.schedule, o.grad_clip) == \
+        (3e-4, 0.1, 2000, "cosine", 1.0)
     assert (c.train.grad_accum, c.data.seq_len, c.model.vocab_size, c.model.rope_theta) == (4, 2048, 50257, 10000.0)
 
 

@@ -69,7 +69,8 @@ def measure(config, steps: int) -> dict:
 def run(quick: bool) -> str:
     load = os.getloadavg()[0]  # the CPU is shared: a busy machine slows every number below
     steps = 2 if quick else 8
-    rows = ["| model | params | tokens/step | step time (median) | tokens/s | GFLOP/token | MFU | first step (compile) |",
+    rows = ["| model | params | tokens/step | step time (median) | tokens/s | GFLOP/token | MFU "
+            "| first step (compile) |",
             "|---|---|---|---|---|---|---|---|"]
     peaks = set()  # one measured peak per process (metrics caches it), so the rows share a reference
     from ultrathink_jax.params import param_count
@@ -81,7 +82,8 @@ def run(quick: bool) -> str:
                     f"{1000 * r['step_s']:.0f} ms | {r['tokens_per_s']:,.0f} | {r['gflops_per_token']:.4f} | "
                     f"{100 * r['mfu']:.1f}% | {r['compile_s']:.1f} s |")
     notes = (f"\n\nMedian of {steps} steps after the first; float32 compute, batch 16 x seq_len (the default "
-             f"config's), AdamW, {r['devices']} device(s); 1-minute load average {load:.1f} when the benchmark started. MFU = tokens/s x FLOPs/token "
+             f"config's), AdamW, {r['devices']} device(s); 1-minute load average {load:.1f} when the benchmark "
+             "started. MFU = tokens/s x FLOPs/token "
              "(`ultrathink_jax.metrics.flops_per_token`: 6 x matmul weights + 12 x layers x heads x head_dim x "
              f"context) / peak, with peak = {', '.join(sorted(peaks))}: on CPU there is no data-sheet peak, so it "
              "is a measured 1024^3 float32 matmul, and MFU here means 'fraction of what this CPU does on one big "

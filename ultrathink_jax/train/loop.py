@@ -250,10 +250,13 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
     result.params = state.params
     tps = timed_tokens / timed_seconds if timed_seconds else 0.0
     summary = (f"done: steps {result.start_step}->{step} of {config.train.steps} in "
-               f"{metrics_lib.format_duration(result.seconds)}; {result.tokens} tokens, {metrics_lib.format_rate(tps)}"
-               f" tok/s, MFU {100 * metrics_lib.mfu(tps, fpt, peak_total):.2f}% (peak: {peak_source})")
+               f"{metrics_lib.format_duration(result.seconds)}")
     if result.losses:
-        summary += f"; final train loss {result.losses[step]:.4f}"
+        summary += (f"; {result.tokens} tokens, {metrics_lib.format_rate(tps)} tok/s, MFU "
+                    f"{100 * metrics_lib.mfu(tps, fpt, peak_total):.2f}% (peak: {peak_source}); "
+                    f"final train loss {result.losses[step]:.4f}")
+    else:
+        summary += " (nothing left to train)"
     if step in result.evals:
         summary += f"; eval loss {result.evals[step]:.4f} (perplexity {math.exp(result.evals[step]):.2f})"
     progress.message(summary + f"; checkpoint {store.directory / str(step)}")
