@@ -30,6 +30,15 @@ def mesh_section(**sizes) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(mesh)
 
 
+def moe_variant(config: ml_collections.ConfigDict, **moe_fields) -> ml_collections.ConfigDict:
+    """The same model with every MLP replaced by 8 SwiGLU experts, top-2, each half as wide as the dense MLP, so
+    the active MLP compute per token equals the dense model's. `moe_fields` override (e.g. moe_first_dense)."""
+    dense = config.model
+    config.model = model_section(**{**dense.to_dict(), "n_experts": 8, "n_experts_per_tok": 2,
+                                    "moe_d_ff": dense.d_ff // 2, **moe_fields})
+    return config
+
+
 def get_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"model": model_section(), "mesh": mesh_section(), "data": data_section(),
                                       **train_sections()})

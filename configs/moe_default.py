@@ -7,8 +7,4 @@ from configs import base, default
 
 
 def get_config():
-    config = default.get_config()
-    dense = config.model
-    config.model = base.model_section(**{**dense.to_dict(), "n_experts": 8, "n_experts_per_tok": 2,
-                                         "moe_d_ff": dense.d_ff // 2, "moe_first_dense": 1})
-    return config
+    return base.moe_variant(default.get_config(), moe_first_dense=1)

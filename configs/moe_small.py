@@ -6,8 +6,4 @@ from configs import base, small
 
 
 def get_config():
-    config = small.get_config()
-    dense = config.model
-    config.model = base.model_section(**{**dense.to_dict(), "n_experts": 8, "n_experts_per_tok": 2,
-                                         "moe_d_ff": dense.d_ff // 2})
-    return config
+    return base.moe_variant(small.get_config())

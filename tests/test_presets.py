@@ -20,5 +20,7 @@ def test_preset_parameter_count_is_within_5_percent_of_nominal(name):
 
 
 def test_default_preset_is_small_enough_for_a_cpu():
-    model = ModelConfig.from_mapping(importlib.import_module("configs.default").get_config().model)
+    config = importlib.import_module("configs.default").get_config()
+    assert config.model.vocab_size == 0, "the default takes its vocabulary from the tokenizer it trains"
+    model = ModelConfig.from_mapping({**config.model, "vocab_size": config.data.vocab_size})
     assert param_count(model) < 20e6
