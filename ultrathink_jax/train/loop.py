@@ -22,6 +22,7 @@ from ultrathink_jax import metrics as metrics_lib
 from ultrathink_jax import sharding
 from ultrathink_jax.config import ConfigError, ModelConfig
 from ultrathink_jax.data import build_eval_iterator, build_tokenizer, build_train_iterator
+from ultrathink_jax.moe import moe_metrics, moe_report
 from ultrathink_jax.train import run as run_lib
 from ultrathink_jax.train import steps as steps_lib
 from ultrathink_jax.train.config import validate
@@ -224,8 +225,6 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
                 if k in m:
                     scalars[f"train/{k}"] = float(m[k])
             if moe:
-                from ultrathink_jax.moe import moe_metrics
-
                 scalars.update({k: float(v) for k, v in moe_metrics(moe_window, model).items()})
                 moe_window = None
             writer.scalars(step, scalars)
@@ -261,8 +260,6 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
         summary += f"; eval loss {result.evals[step]:.4f} (perplexity {math.exp(result.evals[step]):.2f})"
     progress.message(summary + f"; checkpoint {store.directory / str(step)}")
     if moe_total is not None:
-        from ultrathink_jax.moe import moe_report
-
         progress.message(moe_report(moe_total, model))
     return result
 

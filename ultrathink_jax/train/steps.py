@@ -20,15 +20,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ultrathink_jax import losses, sharding
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.model import Transformer
+from ultrathink_jax.moe import moe_loss
 from ultrathink_jax.train.state import TrainState
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
-
-
-def _moe_api():
-    from ultrathink_jax.moe import moe_loss  # helper-owned package; imported only for MoE models
-
-    return moe_loss
 
 
 def micro_batch_loss(config: ModelConfig, z_loss_weight: float, params, batch, rng):
@@ -44,7 +39,7 @@ def micro_batch_loss(config: ModelConfig, z_loss_weight: float, params, batch, r
         objective = objective + z_loss_weight * z_sum
         parts["z_sum"] = z_sum
     if "moe" in aux:
-        moe_weighted = _moe_api()(aux["moe"], config) * weight_sum
+        moe_weighted = moe_loss(aux["moe"], config) * weight_sum
         objective = objective + moe_weighted
         parts["moe_loss_sum"] = moe_weighted
         parts["moe"] = aux["moe"]
