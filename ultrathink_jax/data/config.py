@@ -33,6 +33,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seq_len = 256
     c.global_batch_size = 16  # rows per step summed over all processes
     c.seed = 0  # shuffle seed; each epoch gets its own permutation
+    c.shuffle_buffer_rows = 1024  # streamed Hugging Face data: rows mixed in a seeded buffer (1 = stream order)
     c.read_threads = 2  # threads building batches ahead of the training step
     c.prefetch_buffer_size = 4  # batches buffered ahead
     c.cache = True  # keep tokenized corpora in <workdir>/data_cache, keyed by content and tokenizer
@@ -54,6 +55,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("eval_max_chars", cfg.eval_max_chars >= 0, "must be >= 0 (0 = all)"),
         ("default_corpus_max_chars", cfg.default_corpus_max_chars >= 0, "must be >= 0 (0 = all)"),
         ("seed", 0 <= cfg.seed < 2**32, "must be in [0, 2**32)"),
+        ("shuffle_buffer_rows", cfg.shuffle_buffer_rows >= 1, "must be >= 1 (1 = no shuffling)"),
         ("read_threads", cfg.read_threads >= 1, "must be >= 1"),
         ("prefetch_buffer_size", cfg.prefetch_buffer_size >= 1, "must be >= 1"),
         ("train_files", not (cfg.train_files and cfg.hf_dataset), "and hf_dataset are both set; choose one"),

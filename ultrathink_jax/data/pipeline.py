@@ -24,6 +24,7 @@ from ultrathink_jax.data import config as data_config
 from ultrathink_jax.data.errors import DataError
 from ultrathink_jax.data.packing import TokenStream, empty_row, num_rows, pack_documents, pack_row, stack_rows
 from ultrathink_jax.data.sources import FileSource, HFSource, StdlibCorpus, TextSource
+from ultrathink_jax.data.streaming import StreamingTrainIterator
 from ultrathink_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -239,8 +240,11 @@ def _cache_dir(cfg: ml_collections.ConfigDict, workdir) -> Path | None:
 
 def build_train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
                          workdir: str | os.PathLike | None = None, *, process_index: int | None = None,
-                         process_count: int | None = None) -> TrainIterator:
-    """Training batches for this process (process index/count default to jax's)."""
+                         process_count: int | None = None) -> TrainIterator | StreamingTrainIterator:
+    """Training batches for this process (process index/count default to jax's). A streamed Hugging Face
+    dataset is read lazily (see `streaming.py`) instead of being tokenized whole."""
+    if cfg.hf_dataset and cfg.streaming:
+        return StreamingTrainIterator(train_source(cfg), tokenizer, cfg, process_index, process_count)
     stream, stats = load_tokens(train_source(cfg), tokenizer, _cache_dir(cfg, workdir))
     return TrainIterator(stream, stats, cfg, tokenizer.pad_id, process_index, process_count)
 
