@@ -17,7 +17,8 @@ from flax import linen as nn
 
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.layers.attention import Attention, attention_mask
-from ultrathink_jax.layers.init import embedding_init, weight_init
+from ultrathink_jax.layers.embedding import TokenEmbedding
+from ultrathink_jax.layers.init import weight_init
 from ultrathink_jax.layers.mlp import MLP
 from ultrathink_jax.layers.norm import RMSNorm
 from ultrathink_jax.layers.rotary import rope_tables
@@ -111,8 +112,7 @@ class Transformer(nn.Module):
         stacked in layer order (empty for a dense model); new_cache is None unless a cache was given.
         """
         cfg = self.config
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, name="embed",
-                         embedding_init=nn.with_logical_partitioning(embedding_init(cfg), ("vocab", "embed")))
+        embed = TokenEmbedding(cfg, name="embed")
         x = nn.with_logical_constraint(embed(tokens), RESIDUAL_AXES)
         cos, sin = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
 

@@ -1,0 +1,29 @@
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ultrathink_jax.config import ModelConfig
+from ultrathink_jax.layers.init import embedding_init
+
+
+class TokenEmbedding(nn.Module):
+    """Token lookup and, for tied models, the output projection, sharing one [vocab, embed] table.
+
+    Both uses first gather the table's embed axis (FSDP's usual weight all-gather): looked up while still split
+    over `fsdp`, the rows come out split along embed and XLA must replicate them to reach the batch layout.
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embedding = self.param("embedding", nn.with_logical_partitioning(embedding_init(cfg), ("vocab", "embed")),
+                                    (cfg.vocab_size, cfg.d_model), jnp.float32)
+
+    def _table(self):
+        return nn.with_logical_constraint(self.embedding, ("vocab", None)).astype(self.config.dtype)
+
+    def __call__(self, tokens):
+        return jnp.take(self._table(), tokens, axis=0)
+
+    def attend(self, x):
+        return jnp.einsum("...d,vd->...v", x.astype(self.config.dtype), self._table())
