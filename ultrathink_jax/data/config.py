@@ -29,6 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
     # BPE of vocab_size on the training text. Either way it is saved to <workdir>/tokenizer and reused on resume.
     c.tokenizer = ""
     c.vocab_size = 8192
+    c.tokenizer_train_chars = 100_000_000  # training text read to train that BPE (0 = all; needed for streams)
     # Batches.
     c.seq_len = 256
     c.global_batch_size = 16  # rows per step summed over all processes
@@ -49,6 +50,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("seq_len", cfg.seq_len > 0, "must be positive"),
         ("global_batch_size", cfg.global_batch_size > 0, "must be positive"),
         ("vocab_size", cfg.vocab_size >= 257, "must be >= 257 (256 bytes + <|endoftext|>)"),
+        ("tokenizer_train_chars", cfg.tokenizer_train_chars >= 0, "must be >= 0 (0 = all)"),
         ("txt_split", cfg.txt_split in TXT_SPLITS, f"must be one of {TXT_SPLITS}"),
         ("heldout_fraction", 0.0 < cfg.heldout_fraction < 1.0, "must be in (0, 1)"),
         ("max_chars", cfg.max_chars >= 0, "must be >= 0 (0 = all)"),

@@ -76,12 +76,23 @@ def build_tokenizer(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike |
         tokenizer = load_tokenizer(cfg.tokenizer)
     else:
         source = train_source(cfg)
-        tokenizer = train_tokenizer(source, cfg.vocab_size)
+        tokenizer = train_tokenizer(_first_chars(source, cfg.tokenizer_train_chars), cfg.vocab_size)
         log.info("data: trained a %d-token byte-level BPE on %s (%s)", tokenizer.vocab_size,
                  source.describe(), source.stats.as_dict())
     if saved is not None:
         tokenizer.save(saved)
     return tokenizer
+
+
+def _first_chars(documents, cap: int):
+    """Documents up to and including the one that reaches `cap` characters (0 = all): a streamed dataset
+    has no end to train a tokenizer on."""
+    total = 0
+    for doc in documents:
+        yield doc
+        total += len(doc)
+        if cap and total >= cap:
+            return
 
 
 # ----------------------------------------------------------------------------------------------- tokens

@@ -122,6 +122,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
 
 def _describe_data(name: str, stats: dict) -> str:
     text = f"{name} data: {stats.get('tokens', 0)} tokens in {stats.get('documents', 0)} documents"
+    if stats.get("streaming"):
+        text += " (streamed: read so far)"
     if stats.get("invalid_utf8"):
         text += f" ({stats['invalid_utf8']} invalid UTF-8 sequences replaced with U+FFFD)"
     return text
