@@ -110,6 +110,9 @@ def run_main(prog: str, main: Callable[[], int]) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's informational warnings are not for CLI users
+    # A damaged checkpoint fails every parallel array read; orbax's sibling tasks then log "exception was never
+    # retrieved" walls. The first failure reaches us and is reported as one CheckpointError line.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         return main()
     except (ConfigError, MeshError, DataError, CheckpointError, FileNotFoundError, TrainingError) as e:

@@ -85,9 +85,11 @@ class Checkpoints:
     def _restore(self, step: int, args):
         try:
             return self._manager.restore(step, args=args)
-        except (ValueError, KeyError, TypeError) as e:  # tree or shape mismatch inside orbax
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} does not match this model: "
-                                  f"{' '.join(str(e).split())[:300]}") from e
+        except Exception as e:  # orbax/tensorstore: ValueError for a mismatched tree or unreadable metadata, a bare
+            # Exception for truncated array data; the run's model_config.json check names shape changes earlier
+            detail = " ".join(str(e).split(". See full TensorStore")[0].split())[:300]
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be restored (damaged files or a "
+                                  f"different model): {detail}") from e
 
     def wait(self) -> None:
         """Blocks until a pending async save has been committed."""
