@@ -214,3 +214,16 @@ def _leaf(tree, path):
     for key in path:
         tree = tree[key]
     return tree
+
+
+def safetensors_contents(directory: Path) -> dict[str, tuple]:
+    """Every tensor of a Hugging Face directory as (dtype, shape, raw bytes), for byte-identity checks."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(f), framework="np") as st:
+            for name in st.keys():
+                t = st.get_tensor(name)
+                out[name] = (t.dtype.str, t.shape, t.tobytes())
+    return out

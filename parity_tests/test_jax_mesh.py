@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 
 from parity_tests import jax_models as jm
 from parity_tests.tolerances import FP32_GRAD_ATOL, MESH_GRAD_REL, assert_grads_close, assert_logits_close, assert_loss_close
@@ -97,23 +96,13 @@ def test_sharded_gradients_equal_one_device(name, axes):
     assert_grads_close(_named(grads), _named(ref), rel=MESH_GRAD_REL, atol=FP32_GRAD_ATOL, what=f"{name} on {axes} vs 1 device")
 
 
-def _tensors(directory) -> dict[str, tuple]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), framework="np") as st:
-            for key in st.keys():
-                t = st.get_tensor(key)
-                out[key] = (t.dtype.str, t.shape, t.tobytes())
-    return out
-
-
 @pytest.mark.parametrize("name,axes", CASES, ids=IDS)
 def test_export_from_sharded_params_is_bytewise_the_one_device_export(name, axes, tmp_path):
     (_, _, _, params), _ = _case(name, axes)
     assert any(leaf.addressable_shards[0].data.size < leaf.size for leaf in jax.tree.leaves(params)), \
         f"{name} on {axes}: no parameter is split across devices; the export would not gather anything"
-    ours = _tensors(export_params(params, jm.config(name), tmp_path / "hf"))
-    ref = _tensors(jm.export_dir(name, "trained"))
+    ours = jm.safetensors_contents(export_params(params, jm.config(name), tmp_path / "hf"))
+    ref = jm.safetensors_contents(jm.export_dir(name, "trained"))
     assert ours.keys() == ref.keys(), f"tensor names differ: {sorted(ours.keys() ^ ref.keys())[:3]}"
     differ = [k for k in ref if ours[k] != ref[k]]
     assert not differ, f"{name} on {axes}: {len(differ)} exported tensors differ from the 1-device export, e.g. {differ[:3]}"

@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import transformers
-from safetensors import safe_open
 
 from parity_tests.conftest import VOCAB, randomize_
+from parity_tests.jax_models import safetensors_contents
 from ultrathink_jax.hf import HFFormatError, export_params, load_hf
 
 SUPPORTED = ["llama_gqa_head_dim", "llama_tied_gelu", "mixtral_window", "qwen2_moe_dense_window"]
@@ -20,18 +20,8 @@ QWEN2_MOE = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_
                  mlp_only_layers=[], tie_word_embeddings=False)
 
 
-def tensors_of(directory) -> dict[str, tuple]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), framework="np") as st:
-            for name in st.keys():
-                t = st.get_tensor(name)
-                out[name] = (t.dtype.str, t.shape, t.tobytes())
-    return out
-
-
 def assert_byte_identical(original, exported):
-    a, b = tensors_of(original), tensors_of(exported)
+    a, b = safetensors_contents(original), safetensors_contents(exported)
     assert a.keys() == b.keys(), f"tensor names differ: only in original {sorted(a.keys() - b.keys())[:3]}, " \
                                  f"only in export {sorted(b.keys() - a.keys())[:3]}"
     differ = [n for n in a if a[n] != b[n]]
