@@ -105,11 +105,13 @@ def run_main(prog: str, main: Callable[[], int]) -> int:
     from ultrathink_jax.data import DataError
     from ultrathink_jax.sharding import MeshError
     from ultrathink_jax.train import TrainingError
+    from ultrathink_jax.train.preemption import EXIT_STATUS, Preempted
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from absl import logging as absl_logging
 
-    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's informational warnings are not for CLI users
+    # orbax's warnings are not for CLI users, nor its tracebacks of a failed save: that is reported in one line
+    absl_logging.set_verbosity(absl_logging.FATAL)
     # A damaged checkpoint fails every parallel array read; orbax's sibling tasks then log "exception was never
     # retrieved" walls. The first failure reaches us and is reported as one CheckpointError line.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
@@ -118,6 +120,9 @@ def run_main(prog: str, main: Callable[[], int]) -> int:
     except (ConfigError, MeshError, DataError, CheckpointError, FileNotFoundError, TrainingError) as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"{prog}: {one_line(e)}", file=sys.stderr)
+        return EXIT_STATUS
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -31,21 +31,20 @@ def main(argv=None) -> int:
 
 
 def evaluate_run(workdir: str, eval_files: str | None = None, step: int | None = None, batch_size: int = 0) -> dict:
-    """{'step', 'loss', 'perplexity', 'tokens', 'source'} of checkpoint `step` (default latest)."""
+    """{'step', 'loss', 'perplexity', 'tokens', 'source'} of checkpoint `step` (default: the newest intact)."""
     from ultrathink_jax import sharding
     from ultrathink_jax.config import ConfigError
     from ultrathink_jax.data import DataError, build_eval_iterator
-    from ultrathink_jax.train import checkpoint_steps, evaluate, load_run
+    from ultrathink_jax.train import evaluate
+    from ultrathink_jax.train.run import load_run_at
     from ultrathink_jax.train.loop import data_parallel_size
     from ultrathink_jax.train.steps import make_eval_step
     from ultrathink_jax.params import param_shardings
 
     if batch_size < 0:
         raise ConfigError(f"--batch_size={batch_size} must be positive")
-    steps = checkpoint_steps(workdir)
-    step = step if step is not None else (steps[-1] if steps else None)
     mesh = sharding.make_mesh({"fsdp": -1})
-    model, params, tokenizer, config = load_run(workdir, step, mesh)
+    (model, params, tokenizer, config), step = load_run_at(workdir, step, mesh)
     data = config.data
     data.cache = False  # do not write token caches into the run directory for ad-hoc texts
     if batch_size:

@@ -58,9 +58,10 @@ def tiny_config(train_file: Path, eval_file: Path | None = None, **overrides):
     return config
 
 
-def make_run_dir(workdir: Path, config, seed: int = 0):
+def make_run_dir(workdir: Path, config, seed: int = 0, transform=None):
     """A run directory as launch.train leaves it, holding a step-0 checkpoint of freshly initialised params
-    (no training: nothing to compile but the initialiser). Returns the ModelConfig."""
+    (no training: nothing to compile but the initialiser), passed through `transform` if given. Returns the
+    ModelConfig."""
     import jax.numpy as jnp
 
     from ultrathink_jax import sharding
@@ -72,6 +73,8 @@ def make_run_dir(workdir: Path, config, seed: int = 0):
     model = run.resolve_model_config(config, tokenizer.vocab_size)
     run.write_run_files(workdir, config, model)
     params = init_params(model, sharding.make_mesh({"fsdp": -1}), seed)
+    if transform is not None:
+        params = transform(params)
     store = run.checkpoints(workdir, config)
     store.save(0, params, {"unused": jnp.zeros(())}, {"step": jnp.zeros((), jnp.int32)}, None)
     store.wait()

@@ -1,4 +1,4 @@
-"""The training loop end to end on a tiny model: loss falls, resume is exact, divergence stops cleanly."""
+"""The training loop end to end on a tiny model: loss falls, resume is exact (non-finite steps: test_train_nonfinite)."""
 
 import math
 import struct
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from test_train_fixtures import tiny_config, write_corpus
-from ultrathink_jax.train import TrainingError, checkpoint_steps, train
+from ultrathink_jax.train import checkpoint_steps, train
 
 STEPS = 12
 
@@ -77,22 +77,3 @@ def test_stopping_and_resuming_reproduces_the_uninterrupted_losses(uninterrupted
     resumed = {**first.losses, **second.losses}
     mismatches = {s: (resumed[s], full.losses[s]) for s in full.losses if resumed[s] != full.losses[s]}
     assert not mismatches, f"per-step losses differ after resume (resumed, uninterrupted): {mismatches}"
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
-    from ultrathink_jax.train import steps
-
-    placed = []
-
-    def poisoned(local, mesh):  # the 3rd batch gets NaN target weights, so step 3's loss is NaN
-        placed.append(1)
-        if len(placed) == 3:
-            local = {**local, "weights": np.full_like(local["weights"], np.nan)}
-        return global_batch(local, mesh)
-
-    global_batch = steps.global_batch
-    monkeypatch.setattr(steps, "global_batch", poisoned)
-    config = tiny_config(*corpus, **{"checkpoint.every_steps": 1})  # same compiled step as the other runs
-    with pytest.raises(TrainingError, match=r"non-finite loss nan .* at step 3; last good checkpoint: step 2 in"):
-        train(config, tmp_path)
-    assert checkpoint_steps(tmp_path) == [1, 2]

@@ -39,14 +39,19 @@ def get_config():
 def export_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
                dtype: str = "float32", overwrite: bool = False, **kwargs) -> Path:
     """Exports checkpoint `step` (default: latest) of a training run, with its tokenizer."""
-    from ultrathink_jax.train import load_run
+    from ultrathink_jax.checkpoint import non_finite_leaves
+    from ultrathink_jax.train.run import load_run_at
 
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:  # fail before restoring anything
         raise ExportError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
-    run = load_run(workdir, step)
+    run, step = load_run_at(workdir, step)
+    bad = non_finite_leaves(run.params)
+    if bad:  # transformers would load it without complaint and produce NaN logits
+        raise ExportError(f"checkpoint step {step} of {workdir} holds non-finite values in {len(bad)} tensor(s) "
+                          f"({', '.join(bad[:3])}); refusing to export it")
     return export_params(run.params, run.model_config, out, dtype, run.tokenizer, overwrite=overwrite, **kwargs)
 
 

@@ -6,6 +6,7 @@ import math
 
 import ml_collections
 
+from ultrathink_jax.checkpoint import ON_ERROR
 from ultrathink_jax.config import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -18,6 +19,7 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
         "seed": 0,  # parameter init and router-jitter RNG (the data order has its own data.seed)
         "grad_accum": 1,  # micro-batches per step: data.global_batch_size rows are split into this many
         "z_loss_weight": 0.0,  # PaLM z-loss on the output logits (0 = off)
+        "max_bad_steps": 5,  # stop after this many consecutive steps skipped for a non-finite loss or gradient
         "sample_tokens": 64,  # tokens generated at the end of training (0 = no sample)
         "sample_prompt": "def ",
         "sample_temperature": 0.8,  # 0 = greedy
@@ -37,6 +39,7 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
         "every_steps": 1000,  # also saved at the end of the run
         "max_to_keep": 3,
         "async_save": True,  # write in a background thread while training continues
+        "on_error": "stop",  # a failing save (disk full, ...): "stop" the run, or "continue" with a logged error
     })
     evaluation = ml_collections.ConfigDict({
         "every_steps": 500,  # held-out loss every N steps and at the end (0 = only at the end)
@@ -65,6 +68,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("train.steps", t.steps, t.steps > 0, "must be positive"),
         ("train.grad_accum", t.grad_accum, t.grad_accum > 0, "must be positive"),
         ("train.z_loss_weight", t.z_loss_weight, t.z_loss_weight >= 0, "must be >= 0"),
+        ("train.max_bad_steps", t.max_bad_steps, t.max_bad_steps > 0, "must be positive"),
         ("train.sample_tokens", t.sample_tokens, t.sample_tokens >= 0, "must be >= 0"),
         ("train.sample_temperature", t.sample_temperature, t.sample_temperature >= 0, "must be >= 0"),
         ("optim.learning_rate", o.learning_rate, o.learning_rate > 0, "must be positive"),
@@ -78,6 +82,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("optim.grad_clip", o.grad_clip, o.grad_clip >= 0, "must be >= 0 (0 = off)"),
         ("checkpoint.every_steps", c.every_steps, c.every_steps > 0, "must be positive"),
         ("checkpoint.max_to_keep", c.max_to_keep, c.max_to_keep > 0, "must be positive"),
+        ("checkpoint.on_error", c.on_error, c.on_error in ON_ERROR, f"must be one of {ON_ERROR}"),
         ("eval.every_steps", e.every_steps, e.every_steps >= 0, "must be >= 0 (0 = only at the end)"),
         ("eval.max_batches", e.max_batches, e.max_batches >= 0, "must be >= 0 (0 = all)"),
         ("log.every_steps", l.every_steps, l.every_steps > 0, "must be positive"),

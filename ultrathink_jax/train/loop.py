@@ -27,13 +27,15 @@ from ultrathink_jax.train import run as run_lib
 from ultrathink_jax.train import steps as steps_lib
 from ultrathink_jax.train.config import validate
 from ultrathink_jax.train.optim import make_optimizer
+from ultrathink_jax.train.preemption import Preempted, StopSignals
 from ultrathink_jax.train.state import TrainState, abstract_state, init_state, state_shardings
 
 log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message names the step and the last good checkpoint."""
+    """Training cannot go on (train.max_bad_steps non-finite steps in a row); the message names the step and the
+    last good checkpoint."""
 
 
 @dataclasses.dataclass
@@ -46,6 +48,7 @@ class TrainResult:
     seconds: float
     sample: str | None
     params: object = dataclasses.field(default=None, repr=False)  # the final parameters (on the mesh)
+    skipped: list[int] = dataclasses.field(default_factory=list)  # steps skipped for a non-finite loss/gradient
 
 
 def data_parallel_size(mesh) -> int:
@@ -97,6 +100,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
     store = run_lib.checkpoints(workdir, config)
     progress = metrics_lib.Progress(total, enabled=is_main and config.log.progress, stream=out)
     writer = None
+    stop = StopSignals(out).__enter__()  # from here on SIGTERM/SIGINT stop the run at a step boundary
     try:
         progress.message(_describe_data("train", train_iter.stats)
                          + ("" if eval_batches is None else "; " + _describe_data("eval", eval_batches.stats)))
@@ -106,7 +110,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
             run_lib.write_run_files(workdir, config, model)
             writer = metrics_lib.Writer(workdir / "tensorboard", enabled=is_main and config.log.tensorboard)
             result = _loop(config, model, mesh, fns, state, store, writer, progress, train_iter,
-                           eval_batches, end)
+                           eval_batches, end, stop)
         store.wait()
         if config.train.sample_tokens:
             result.sample = sample_text(model, result.params, tokenizer, config.train, mesh)
@@ -114,6 +118,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
             writer.text(result.final_step, "sample", result.sample)
         return result
     finally:
+        stop.__exit__()
         progress.close()
         if writer is not None:
             writer.close()
@@ -142,12 +147,11 @@ def sample_text(model: ModelConfig, params, tokenizer, train_cfg: ml_collections
 
 
 def _restore_or_init(config, model: ModelConfig, tx, mesh, store, train_iter, progress) -> TrainState:
-    latest = store.latest_step()
-    if latest is None:
+    if store.latest_step() is None:
         return init_state(model, tx, mesh, config.train.seed)
     target = abstract_state(model, tx, mesh)
-    step, params, opt_state, prog, data_state = store.restore(
-        latest, target.params, target.opt_state, {"step": target.step, "rng": target.rng})
+    step, params, opt_state, prog, data_state = store.restore(  # the newest intact one; damaged ones are skipped
+        None, target.params, target.opt_state, {"step": target.step, "rng": target.rng})
     train_iter.set_state(data_state)
     progress.message(f"resumed from checkpoint step {step} in {store.directory}")
     return TrainState(params=params, opt_state=opt_state, step=prog["step"], rng=prog["rng"])
@@ -173,7 +177,7 @@ def step_functions(model: ModelConfig, optim_items: tuple, total_steps: int, gra
 
 
 def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progress, train_iter, eval_batches,
-          end) -> TrainResult:
+          end, stop: StopSignals) -> TrainResult:
     cfg_l = config.log
     step_fn = fns.train_step
     eval_fn = fns.eval_step if eval_batches is not None else None
@@ -186,43 +190,64 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
     result = TrainResult(start, start, {}, {}, 0, 0.0, None)
     last_saved = start if store.latest_step() == start else None
     t0 = time.perf_counter()
-    timed = False  # the first step of an invocation includes compilation: not timed
-    window_tokens = window_seconds = 0.0
-    window_steps, timed_tokens, timed_seconds = 0, 0.0, 0.0
+    # Metrics stay on the device until a log / eval / checkpoint step (and the first step, whose time is compile
+    # time and is not counted), then every pending step's come back in one device_get.
+    pending: list[tuple[int, dict]] = []
+    window_start, window_tokens, window_seconds, window_steps = None, 0.0, 0.0, 0
+    timed_tokens = timed_seconds = 0.0
+    bad_run = 0  # consecutive skipped (non-finite) steps, counted as their metrics arrive
     moe_window = moe_total = None
     step = start
+
+    def save():
+        store.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
+                   train_iter.get_state())
+
     while step < end:
-        step_t = time.perf_counter()
+        if stop.should_stop(sync_point=step % cfg_l.every_steps == 0):
+            _fetch(pending, result, progress)
+            if last_saved != step:
+                save()
+            store.wait()
+            raise Preempted(f"stopped by {stop.name} at step {step}; checkpoint {store.directory / str(step)}")
         batch = steps_lib.global_batch(next(train_iter), mesh)
         state, m = step_fn(state, batch)
-        m = jax.device_get(m)
         step += 1
-        loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        pending.append((step, m))
+        log_now = step % cfg_l.every_steps == 0 or step == end
+        eval_now = eval_fn is not None and config.eval.every_steps and step % config.eval.every_steps == 0
+        save_now = step % config.checkpoint.every_steps == 0
+        if not (log_now or eval_now or save_now or window_start is None):
+            continue
+        fetched = _fetch(pending, result, progress)
+        for s, f in fetched:
+            bad_run = bad_run + 1 if f["skipped"] else 0
+            if moe:  # router statistics are sums: add them up per logging window and over the run
+                moe_window = f["moe"] if moe_window is None else jax.tree.map(np.add, moe_window, f["moe"])
+                moe_total = f["moe"] if moe_total is None else jax.tree.map(np.add, moe_total, f["moe"])
+        if window_start is not None:  # step time = data + compute; evaluation and checkpoint time is left out
+            window_seconds += time.perf_counter() - window_start
+            window_tokens += sum(float(f["tokens"]) for _, f in fetched if not f["skipped"])
+            window_steps += len(fetched)
+        if bad_run >= config.train.max_bad_steps:
+            store.wait()
             good = store.latest_step()
-            raise TrainingError(f"non-finite loss {loss} (grad norm {grad_norm}) at step {step}; "
-                                f"last good checkpoint: {'none' if good is None else f'step {good}'} in "
-                                f"{store.directory}")
-        result.losses[step] = loss
-        result.tokens += int(m["tokens"])
-        if timed:  # step time = data + compute; evaluation and checkpoint time is left out
-            window_seconds += time.perf_counter() - step_t
-            window_tokens += float(m["tokens"])
-            window_steps += 1
-        timed = True
-        if moe:  # router statistics are sums: add them up per logging window and over the run
-            moe_window = m["moe"] if moe_window is None else jax.tree.map(np.add, moe_window, m["moe"])
-            moe_total = m["moe"] if moe_total is None else jax.tree.map(np.add, moe_total, m["moe"])
+            raise TrainingError(f"{bad_run} consecutive non-finite steps (the last, step {step}: loss "
+                                f"{float(fetched[-1][1]['loss'])}, grad norm {float(fetched[-1][1]['grad_norm'])}) "
+                                f"reached train.max_bad_steps={config.train.max_bad_steps}; last good checkpoint: "
+                                f"{'none' if good is None else f'step {good}'} in {store.directory}")
 
-        if step % cfg_l.every_steps == 0 or step == end:
+        if log_now:
+            m = fetched[-1][1]
+            loss = float(m["loss"])
+            timed_tokens, timed_seconds = timed_tokens + window_tokens, timed_seconds + window_seconds
             tps = window_tokens / window_seconds if window_seconds else 0.0
             step_time = window_seconds / window_steps if window_steps else time.perf_counter() - t0
-            timed_tokens += window_tokens
-            timed_seconds += window_seconds
             scalars = {"train/loss": loss, "train/perplexity": math.exp(min(loss, 50.0)),
-                       "train/learning_rate": float(m["learning_rate"]), "train/grad_norm": grad_norm,
+                       "train/learning_rate": float(m["learning_rate"]), "train/grad_norm": float(m["grad_norm"]),
                        "train/param_norm": float(m["param_norm"]), "perf/tokens_per_second": tps,
-                       "perf/step_time_s": step_time, "perf/mfu": metrics_lib.mfu(tps, fpt, peak_total)}
+                       "perf/step_time_s": step_time, "perf/mfu": metrics_lib.mfu(tps, fpt, peak_total),
+                       "train/skipped_steps": len(result.skipped)}
             for k in ("z_loss", "moe_loss"):
                 if k in m:
                     scalars[f"train/{k}"] = float(m[k])
@@ -230,23 +255,20 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
                 scalars.update({k: float(v) for k, v in moe_metrics(moe_window, model).items()})
                 moe_window = None
             writer.scalars(step, scalars)
-            eta = (end - step) * step_time
-            progress.update(step, loss, tps, eta)
-            window_tokens = window_seconds = 0.0
-            window_steps = 0
+            progress.update(step, loss, tps, (end - step) * step_time)
+            window_tokens = window_seconds = window_steps = 0
 
-        if eval_fn is not None and config.eval.every_steps and step % config.eval.every_steps == 0 and step != end:
+        if eval_now and step != end:
             _run_eval(eval_fn, state.params, eval_batches, mesh, config, step, writer, progress, result)
-        if step % config.checkpoint.every_steps == 0 and step != end:
-            store.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
-                       train_iter.get_state())
+        if save_now and step != end:
+            save()
             last_saved = step
+        window_start = time.perf_counter()
 
     if eval_fn is not None and step not in result.evals:
         _run_eval(eval_fn, state.params, eval_batches, mesh, config, step, writer, progress, result)
     if last_saved != step:
-        store.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
-                   train_iter.get_state())
+        save()
     result.final_step, result.seconds = step, time.perf_counter() - t0
     result.params = state.params
     tps = timed_tokens / timed_seconds if timed_seconds else 0.0
@@ -264,6 +286,21 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
     if moe_total is not None:
         progress.message(moe_report(moe_total, model))
     return result
+
+
+def _fetch(pending: list, result: TrainResult, progress) -> list[tuple[int, dict]]:
+    """Brings the pending steps' metrics to the host in one transfer and records them; empties `pending`."""
+    fetched = list(zip([s for s, _ in pending], jax.device_get([m for _, m in pending])))
+    pending.clear()
+    for s, m in fetched:
+        result.losses[s] = float(m["loss"])
+        if not m["skipped"]:
+            result.tokens += int(m["tokens"])
+        else:
+            result.skipped.append(s)
+            progress.message(f"step {s}: non-finite loss {float(m['loss'])} / grad norm {float(m['grad_norm'])} / "
+                             f"param norm {float(m['param_norm'])}: update skipped ({len(result.skipped)} so far)")
+    return fetched
 
 
 def _run_eval(eval_fn, params, batches, mesh, config, step, writer, progress, result) -> None:

@@ -56,7 +56,8 @@ def checkpoints(workdir: str | os.PathLike, config: ml_collections.ConfigDict | 
                 read_only: bool = False) -> Checkpoints:
     c = config.checkpoint if config is not None else None
     return Checkpoints(Path(workdir) / CHECKPOINT_DIR, max_to_keep=c.max_to_keep if c else 3,
-                       async_save=c.async_save if c else False, read_only=read_only)
+                       async_save=c.async_save if c else False, read_only=read_only,
+                       on_error=c.on_error if c else "stop")
 
 
 def has_checkpoint(workdir: str | os.PathLike) -> bool:
@@ -121,9 +122,15 @@ class LoadedRun(NamedTuple):
 
 
 def load_run(workdir: str | os.PathLike, step: int | None = None, mesh: Mesh | None = None) -> LoadedRun:
-    """The trained model of a run directory: params of checkpoint `step` (default: latest, see
-    `checkpoint_steps`) restored onto `mesh` (default: FSDP over all devices), its ModelConfig, tokenizer and
-    resolved config."""
+    """The trained model of a run directory: params of checkpoint `step` (default: the newest intact one,
+    skipping damaged ones with a warning; see `checkpoint_steps`) restored onto `mesh` (default: FSDP over all
+    devices), its ModelConfig, tokenizer and resolved config."""
+    return load_run_at(workdir, step, mesh)[0]
+
+
+def load_run_at(workdir: str | os.PathLike, step: int | None = None, mesh: Mesh | None = None
+                ) -> tuple[LoadedRun, int]:
+    """`load_run` and the step it restored."""
     config = load_config(workdir)
     model = saved_model_config(workdir)
     if model is None:
@@ -139,10 +146,10 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, mesh: Mesh | N
     try:
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               strip_boxes(abstract_params(model)), param_shardings(model, mesh))
-        _, params = store.restore_params(step, target)
+        step, params = store.restore_params(step, target)
     finally:
         store.close()
-    return LoadedRun(model, params, tokenizer, config)
+    return LoadedRun(model, params, tokenizer, config), step
 
 
 def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:

@@ -4,7 +4,8 @@
 `lax.scan` sums (loss sum, target-weight sum, gradients) over them; the sums are divided once by the total weight,
 so 4 micro-batches give exactly the gradient of one 4x batch (token-weighted mean cross-entropy). For MoE models
 the router loss (`ultrathink_jax.moe.moe_loss`, a per-batch mean) is added per micro-batch weighted by the
-micro-batch's target count, and the layers' router statistics are summed over micro-batches.
+micro-batch's target count, and the layers' router statistics are summed over micro-batches. A step whose loss,
+gradients or updated parameters are not finite changes nothing but the step counter (metrics["skipped"]).
 """
 
 from __future__ import annotations
@@ -77,12 +78,19 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, sched
         grads = jax.tree.map(lambda g: g / denom, grad_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
+        # A non-finite loss, gradient or update (an overflowing batch, a diverging learning rate) is skipped here,
+        # on the device: params and optimizer state stay as they were, so nothing non-finite is ever checkpointed.
+        ok = jnp.isfinite(sums["ce_sum"]) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (params, opt_state),
+                                         (state.params, state.opt_state))
         metrics = {
             "loss": sums["ce_sum"] / denom,  # token-weighted mean cross-entropy (the number perplexity uses)
-            "grad_norm": optax.tree.norm(grads),  # before clipping
-            "param_norm": optax.tree.norm(params),
+            "grad_norm": grad_norm,  # before clipping
+            "param_norm": param_norm,  # of the update's result, kept or not
             "learning_rate": schedule(state.step),
             "tokens": sums["weight_sum"],
+            "skipped": ~ok,
         }
         if "z_sum" in sums:
             metrics["z_loss"] = sums["z_sum"] / denom
