@@ -57,8 +57,8 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _file_sums(step_dir: Path) -> dict[str, list[int]]:
-    return {p.relative_to(step_dir).as_posix(): [p.stat().st_size, _crc32(p)]
+def _file_sums(step_dir: Path, sizes_only: bool = False) -> dict[str, list[int]]:
+    return {p.relative_to(step_dir).as_posix(): [p.stat().st_size] + ([] if sizes_only else [_crc32(p)])
             for p in sorted(step_dir.rglob("*")) if p.is_file() and not p.name.startswith(CHECKSUMS)}
 
 
@@ -72,9 +72,17 @@ def verify(step_dir: Path, items: tuple[str, ...]) -> str | None:
         expected = json.loads(manifest.read_text())
     except (ValueError, OSError) as e:
         return f"{CHECKSUMS} unreadable: {_one_line(e)}"
+    def checked(rel: str) -> bool:
+        return "/" not in rel or rel.split("/", 1)[0] in items
+
+    try:
+        expected = {rel: (int(size), int(crc)) for rel, (size, crc) in expected.items() if checked(rel)}
+    except (AttributeError, TypeError, ValueError):
+        return f"{CHECKSUMS} is malformed"
+    unlisted = sorted(set(rel for rel in _file_sums(step_dir, sizes_only=True) if checked(rel)) - set(expected))
+    if unlisted:
+        return f"{unlisted[0]} is not in {CHECKSUMS}"
     for rel, (size, crc) in expected.items():
-        if "/" in rel and rel.split("/", 1)[0] not in items:
-            continue
         path = step_dir / rel
         if not path.is_file():
             return f"{rel} is missing"
