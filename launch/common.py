@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -115,6 +116,8 @@ def run_main(prog: str, main: Callable[[], int]) -> int:
     # A damaged checkpoint fails every parallel array read; orbax's sibling tasks then log "exception was never
     # retrieved" walls. The first failure reaches us and is reported as one CheckpointError line.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    # A failed async save leaves orbax coroutines unawaited; Python would name each one at exit.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     try:
         return main()
     except (ConfigError, MeshError, DataError, CheckpointError, FileNotFoundError, TrainingError) as e:
