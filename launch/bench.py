@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     names = [n for n in args.only.split(",") if n] or available()
     unknown = sorted(set(names) - set(available()))
     if unknown:
-        print(f"launch.bench: unknown benchmark(s) {unknown}; available: {available()}", file=sys.stderr)
+        print(f"launch.bench: error: unknown benchmark(s) {unknown}; available: {available()}", file=sys.stderr)
         return 2
     for name in names:
         module = importlib.import_module(f"ultrathink_jax.bench.{name}")

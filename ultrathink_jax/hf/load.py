@@ -63,11 +63,19 @@ def safetensors_files(hf_dir: Path) -> list[Path]:
 def read_tensors(files: list[Path]) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for path in files:
-        with safe_open(str(path), framework="np") as f:
-            for name in f.keys():
-                if name in tensors:
-                    raise HFFormatError(f"tensor {name} appears in more than one shard (again in {path.name})")
-                tensors[name] = f.get_tensor(name)
+        try:
+            with safe_open(str(path), framework="np") as f:
+                for name in f.keys():
+                    if name in tensors:
+                        raise HFFormatError(f"tensor {name} appears in more than one shard (again in {path.name})")
+                    tensors[name] = f.get_tensor(name)
+        except (HFFormatError, MemoryError):
+            raise
+        except Exception as e:  # SafetensorError: a bad header, sizes that do not add up, not safetensors at all
+            raise HFFormatError(f"{path} is not a readable safetensors file: {' '.join(str(e).split())}") from None
+        for name, t in tensors.items():
+            if t.dtype.kind in "biuSU":  # bools, integers, bytes (bfloat16 is kind "V")
+                raise HFFormatError(f"tensor {name} in {path.name} has dtype {t.dtype}, expected a float type")
     return tensors
 
 
