@@ -7,7 +7,7 @@
 * `HFSource` -- a Hugging Face dataset through `datasets.load_dataset` (hub name or local path), optionally streamed.
 
 Invalid UTF-8 in local files is replaced with U+FFFD and counted in `stats.invalid_utf8`; a text file with more
-invalid sequences than 10% of its bytes (a binary file) is refused.
+than 25% of its characters invalid (random bytes: about half) is refused as binary.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class TextSource:
 # Invalid UTF-8: decode with a replacing error handler that counts (per thread, so concurrent readers don't mix).
 
 _counter = threading.local()
-MAX_INVALID_UTF8_FRACTION = 0.1  # a text file with more invalid sequences per byte than this is refused
+MAX_INVALID_UTF8_FRACTION = 0.25  # a text file with more of its characters invalid than this is refused
 
 
 def _count_and_replace(exc: UnicodeError):
@@ -232,9 +232,9 @@ class FileSource(TextSource):
     def _text(self, path: Path, stats: SourceStats) -> Iterator[str]:
         data = path.read_bytes()
         text, bad = decode_utf8(data)
-        if bad > MAX_INVALID_UTF8_FRACTION * len(data):  # a binary file, not text with a few stray bytes
-            raise DataError(f"{path} is not UTF-8 text: {bad} invalid UTF-8 sequences in {len(data)} bytes (more "
-                            f"than {MAX_INVALID_UTF8_FRACTION:.0%}); below that they are replaced and counted")
+        if bad > MAX_INVALID_UTF8_FRACTION * len(text):  # a binary file, not text with a few stray bytes
+            raise DataError(f"{path} is not UTF-8 text: {bad} of its {len(text)} characters are invalid UTF-8 "
+                            f"(more than {MAX_INVALID_UTF8_FRACTION:.0%}); below that they are replaced and counted")
         stats.invalid_utf8 += bad
         if self.txt_split == "file":
             yield text
