@@ -293,14 +293,14 @@ def build_train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
         stream, stats = load_tokens(train_source(cfg), tokenizer, _cache_dir(cfg, workdir))
         return TrainIterator(stream, stats, cfg, tokenizer.pad_id, process_index, process_count)
     expected = hashlib.sha256(tokenizer.fingerprint().encode()).hexdigest()
-    components, stats = [], {"documents": 0, "tokens": 0, "invalid_utf8": 0}
+    components, stats = [], {}
     for directory, weight in entries:
         dataset = PreparedDataset(directory)
         if dataset.tokenizer_sha256 != expected:
             raise DataError(f"prepared dataset {directory} was tokenized with another tokenizer than this run's "
                             f"({tokenizer.source}); prepare it again or train in a new workdir")
         components.append((ShardRows(dataset.streams, cfg.seq_len, tokenizer.pad_id), weight))
-        stats = {k: stats[k] + dataset.stats[k] for k in stats}
+        stats = {k: stats.get(k, 0) + v for k, v in dataset.stats.items()}
     return TrainIterator(components, stats, cfg, tokenizer.pad_id, process_index, process_count)
 
 

@@ -232,7 +232,7 @@ class PreparedDataset:
     @property
     def stats(self) -> dict:
         return {"documents": self.manifest["documents"], "tokens": self.manifest["tokens"],
-                "invalid_utf8": sum(s.get("invalid_utf8", 0) for s in self.manifest["sources"])}
+                **{k: sum(s.get(k, 0) for s in self.manifest["sources"]) for k in ("files", "chars", "invalid_utf8")}}
 
     def tokenizer(self) -> Tokenizer:
         return load_tokenizer(self.directory / TOKENIZER_SUBDIR)
