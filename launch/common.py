@@ -124,7 +124,7 @@ def run_main(prog: str, main: Callable[[], int]) -> int:
     """Runs `main`; the project's input errors become `prog: error: <one line>` and exit status 2."""
     from ultrathink_jax.checkpoint import CheckpointError
     from ultrathink_jax.data import DataError
-    from ultrathink_jax.distributed import DistributedError, finish
+    from ultrathink_jax.distributed import DistributedError, finish, wait_for_dead_peer
     from ultrathink_jax.sharding import MeshError
     from ultrathink_jax.train import TrainingError
 
@@ -146,3 +146,6 @@ def run_main(prog: str, main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        wait_for_dead_peer()  # a failed collective of a multi-process run: report the dead peer instead
+        raise

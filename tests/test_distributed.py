@@ -112,6 +112,8 @@ def test_two_processes_train_like_one_process_with_eight_devices(runs):
     _assert_losses_equal(two_losses, one_losses)
     diff = _max_diff(_params(root / "two", STEPS), _params(root / "one", STEPS))
     assert diff <= TOL, f"final params differ by {diff}"
+    print(f"losses 1 process: {one_losses}\nlosses 2 processes: {two_losses}\nmax loss diff "
+          f"{max(abs(two_losses[s] - one_losses[s]) for s in one_losses):.2e}, max param diff {diff:.2e}")
 
 
 def test_two_process_checkpoint_resumes_in_one_process_and_back(runs):
@@ -150,3 +152,48 @@ def test_killing_one_process_ends_the_other_with_one_clear_line(tmp_path):
                      "; exiting (process 0). Rerun the same commands to resume from the last checkpoint."], err[-3000:]
     assert seconds < heartbeat + 15, seconds
     print(f"process 0 exited {seconds:.1f}s after process 1 was killed")
+
+
+def test_train_eval_generate_clis_run_on_eight_devices_in_one_process(runs):
+    root, _, _ = runs
+    workdir = _only_checkpoint(root / "one", root / "cli", STEPS)
+
+    def cli(*argv):
+        done = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, env=_env(8), capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    # peak_tflops=0: the measured-matmul peak under the 8-device mesh (it used to crash here)
+    err = cli("launch.train", "--config=configs/default.py", f"--workdir={workdir}", *OVERRIDES,
+              "--config.log.peak_tflops=0", f"--config.train.steps={STEPS + 2}").stderr
+    assert f"done: steps {STEPS}->{STEPS + 2}" in err and "peak: measured f32 matmul" in err, err[-2000:]
+    out = cli("launch.eval", f"--workdir={workdir}").stdout
+    assert out.startswith(f"step {STEPS + 2}: loss "), out
+    out = cli("launch.generate", f"--workdir={workdir}", "--prompt=def ", "--max_new_tokens=4",
+              "--temperature=0").stdout
+    assert out.startswith("def "), out
+
+
+def test_distributed_settings_come_from_flags_else_the_environment_and_must_be_complete():
+    from ultrathink_jax.distributed import DistributedError, settings_from
+
+    def triple(s):
+        return s.coordinator_address, s.num_processes, s.process_id
+
+    env = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
+    assert triple(settings_from(environ=env)) == ("h:1", 4, 2)
+    assert triple(settings_from(process_id=3, environ=env)) == ("h:1", 4, 3)
+    assert triple(settings_from(environ={})) == (None, None, None)
+    with pytest.raises(DistributedError, match=r"incomplete: also give \['num_processes', 'process_id'\]"):
+        settings_from("h:1", environ={})
+    with pytest.raises(DistributedError, match=r"process_id=4 must be in \[0, num_processes=4\)"):
+        settings_from(process_id=4, environ=env)
+
+
+def test_incomplete_distributed_flags_are_one_error_line(capsys):
+    from launch import train as train_cli
+
+    assert train_cli.main(["--coordinator_address=localhost:1", "--config.train.steps=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("launch.train: error: distributed settings"), err

@@ -109,8 +109,10 @@ def initialize(settings: Settings, prog: str) -> bool:
     return True
 
 
-def finish() -> None:
-    """Marks this process as finished on purpose, so its peers' watchdogs do not report it as dead."""
+def finish(timeout_s: float = 60.0) -> None:
+    """A clean, ordered exit: marks this process as finished (so no watchdog reports it), waits for every peer,
+    then disconnects; process 0, which hosts the service, goes last (recoverable mode has no shutdown barrier
+    of its own, and a peer still disconnecting from a vanished service is aborted by JAX)."""
     global _watchdog
     if _watchdog is None:
         return
@@ -118,12 +120,26 @@ def finish() -> None:
     _watchdog = None
     from jax._src import distributed as jax_distributed
 
-    client = jax_distributed.global_state.client
+    client, me, n = jax_distributed.global_state.client, jax.process_index(), jax.process_count()
     try:
-        client.key_value_set(f"{_DONE_KEY}{jax.process_index()}", "1", allow_overwrite=True)
-        client.wait_at_barrier("ultrathink/finished", 60_000)
-    except Exception:  # a peer already gone: nothing to coordinate any more
+        client.key_value_set(f"{_DONE_KEY}{me}", "1", allow_overwrite=True)
+        client.wait_at_barrier("ultrathink/finished", int(timeout_s * 1000))
+        if me == 0:
+            deadline = time.monotonic() + timeout_s
+            while len(client.get_live_nodes(list(range(n)))) > 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+    except Exception:  # a peer already gone: nothing left to coordinate
         pass
+    jax.distributed.shutdown()
+
+
+def wait_for_dead_peer() -> None:
+    """Called with an unexpected exception in flight: a collective whose peer died fails at once (gloo sees the
+    closed socket) while the service takes up to the heartbeat timeout to declare the peer dead. Gives the
+    watchdog that long to exit with its one line; returns (so the caller re-raises) if every peer is alive."""
+    watchdog = _watchdog
+    if watchdog is not None and watchdog.is_alive():
+        watchdog.join(watchdog.timeout_s + 3 * _POLL_S)
 
 
 class _Watchdog(threading.Thread):

@@ -86,7 +86,10 @@ def build_tokenizer(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike |
         log.info("data: trained a %d-token byte-level BPE on %s (%s)", tokenizer.vocab_size,
                  source.describe(), source.stats.as_dict())
     if saved is not None:
-        tokenizer.save(saved)
+        import jax
+
+        if jax.process_index() == 0:  # one writer of the run files; the others keep theirs in memory
+            tokenizer.save(saved)
     return tokenizer
 
 
