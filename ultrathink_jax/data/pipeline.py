@@ -1,8 +1,9 @@
 """Entry points: tokenizer, training iterator and evaluation batches, built from `config.data`.
 
-Tokenization happens once per corpus into a flat token stream (cached in the workdir). The grain graph then
-works on row indices only: seeded shuffle (new permutation each epoch) -> repeat -> batch of global row
-indices -> this process's slice -> packed rows, built by `read_threads` threads `prefetch_buffer_size`
+Training text is tokenized once into token shards (`shards.py`: a prepared dataset, or one made lazily in the
+workdir's cache); evaluation text into one in-memory stream (cached too). The grain graph then works on row
+indices only: seeded shuffle (new permutation each epoch) -> repeat -> [mix of several datasets by weight] ->
+batch of global row indices -> this process's slice -> packed rows read from the memory-mapped shards, built by `read_threads` threads `prefetch_buffer_size`
 batches ahead. Its state is one integer, so a resumed run continues with exactly the batches it would have seen.
 """
 
