@@ -149,6 +149,7 @@ def run_main(prog: str, main: Callable[[], int]) -> int:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except Preempted as e:
+        finish()  # every process stopped at the same step: an orderly exit, not a dead peer
         print(f"{prog}: {one_line(e)}", file=sys.stderr)
         return EXIT_STATUS
     except KeyboardInterrupt:

@@ -45,8 +45,8 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+        for s, handler in self._previous.items():  # None: a handler not set from Python (e.g. jax's C++ one)
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
