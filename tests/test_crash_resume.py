@@ -1,12 +1,13 @@
 """Crash harness: `launch.train` processes killed (SIGKILL) mid-step, in the middle of an async checkpoint write and
 right after a save, and stopped by SIGTERM (with a second SIGTERM during its checkpoint write), each rerun with
 the same command; every rerun resumes from the last complete checkpoint, and the final parameters equal an
-uninterrupted run's bitwise."""
+uninterrupted run's bitwise. And SIGTERM to one of two processes stops both at one step, saved collectively."""
 
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -81,3 +82,29 @@ def test_signals_only_raise_a_flag_while_stop_signals_are_installed():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.should_stop(sync_point=False) and stop.name == "SIGINT"
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_with_one_collective_checkpoint(tmp_path):
+    from test_distributed import _start_two
+
+    workdir = tmp_path / "two"
+    procs = _start_two(["-m", "launch.train"], workdir, ["--config.train.steps=400", "--config.log.progress=true"])
+    try:
+        deadline = time.monotonic() + 300
+        while not (workdir / "checkpoints" / "5").is_dir():  # both processes are training
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                [p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)  # only one process is told
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [EXIT_STATUS, EXIT_STATUS], [e[-2000:] for e in errs]
+    lasts = [e.strip().splitlines()[-1] for e in errs]
+    step = int(lasts[0].split(" at step ")[1].split(";")[0])
+    assert lasts == [f"launch.train: stopped by SIGTERM at step {step}; checkpoint {workdir / 'checkpoints' / str(step)}"]\
+        * 2, lasts
+    assert checkpoint_steps(workdir)[-1] == step and 5 < step < 400
+    assert load_run(workdir).params is not None
