@@ -87,6 +87,13 @@ CASES = [
     ("import-malformed-config-json", "import_hf", ["--hf_dir={hf_bad_config}", "--workdir={fresh}/w",
                                                    "--config={config}"], "not valid JSON"),
     ("import-into-a-run", "import_hf", ["--hf_dir={hf}", "--workdir={run}", "--config={config}"], "already holds"),
+    # launch.tokenize
+    ("tokenize-binary-file", "tokenize", ["--config={config}", "--out={fresh}/tok", "--config.data.train_files={binary}",
+                                          "--progress=false"], "is not UTF-8 text"),
+    ("tokenize-truncated-jsonl", "tokenize", ["--config={config}", "--out={fresh}/tok", "--progress=false",
+                                              "--config.data.train_files={truncated_jsonl}"], "invalid JSON"),
+    ("tokenize-unknown-key", "tokenize", ["--config={config}", "--out={fresh}/tok", "--config.data.nope=1"],
+     "unknown config key 'data.nope'"),
     # launch.bench
     ("bench-unknown-benchmark", "bench", ["--only=nope"], "unknown benchmark"),
 ]
