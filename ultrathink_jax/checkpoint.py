@@ -119,7 +119,7 @@ class Checkpoints:
         else:
             options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save,
                                                    cleanup_tmp_directories=True)
-        self.max_to_keep, self.on_error = max_to_keep, on_error
+        self.max_to_keep, self.on_error, self._async = max_to_keep, on_error, async_save and not read_only
         self.damaged: dict[int, str] = {}  # step -> why, as found by restore
         self._pending: int | None = None  # a started save not yet confirmed
         self._saved_good: int | None = None  # the newest save this process confirmed
@@ -149,7 +149,7 @@ class Checkpoints:
             self._pending = None
             self._save_failed(step, e)
             return
-        if not self._manager._options.enable_async_checkpointing:
+        if not self._async:
             self._confirm_pending()
 
     def _confirm_pending(self) -> None:
