@@ -28,7 +28,7 @@ def prompts(n, seed=0):
     return [rng.integers(1, 64, rng.integers(1, 12)).tolist() for _ in range(n)]
 
 
-@pytest.mark.parametrize("name,draft_layers,k", [("dense", 1, 3), ("dense", 2, 5), ("moe", 1, 4)])
+@pytest.mark.parametrize("name,draft_layers,k", [("dense", 1, 3), ("moe", 1, 4)])
 def test_speculative_greedy_equals_plain_greedy_token_for_token(dense, name, draft_layers, k):
     engine = dense if name == "dense" else Engine(init(MOE, seed=1), MOE)
     ps = prompts(6, seed=draft_layers)
@@ -41,13 +41,7 @@ def test_speculative_greedy_equals_plain_greedy_token_for_token(dense, name, dra
     assert any(len(t) < 24 for t in got) and got[0][-1] == eos
     single, _ = spec.generate(ps[:1], 24)
     assert single == plain[:1]
-    assert 0 <= stats.acceptance_rate <= 1 and stats.tokens_per_round >= 1 and stats.rounds > 0
-
-
-def test_speculative_rounds_commit_more_than_one_token_when_drafts_agree(dense):
-    # the draft is the full model minus its last layer: a random model's drafts agree often enough
-    _, stats = SpeculativeEngine(dense, SpeculativeConfig(2, 4)).generate(prompts(1), 32)
-    assert stats.acceptance_rate > 0 and stats.tokens_per_round > 1, stats
+    assert 0 < stats.acceptance_rate <= 1 and stats.tokens_per_round > 1 and stats.rounds > 0, stats
 
 
 def exact_two_token_distribution(config, params, prompt, n_layers=None):

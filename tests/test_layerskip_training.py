@@ -58,26 +58,26 @@ def truncated_ce(config, params, b, n_layers):
     short = dataclasses.replace(config, n_layers=n_layers)
     from ultrathink_jax.model import layer_plan
     cut = {**params, **{s.name: jax.tree.map(lambda a: a[:s.n_units], params[s.name]) for s in layer_plan(short)}}
-    logits, _, _ = Transformer(short).apply({"params": cut}, b["inputs"], b["positions"], b["segment_ids"])
+    logits, _, _ = jax.jit(Transformer(short).apply)({"params": cut}, b["inputs"], b["positions"], b["segment_ids"])
     ce, w = losses.cross_entropy(logits, b["targets"], b["weights"])
     return float(ce / w)
 
 
 def test_layerskip_is_off_by_default():
     train = sections()["train"]
-    assert layerskip.from_train_config(train, DENSE) is None
+    assert layerskip.from_train_config(train, DENSE.n_layers) is None
 
 
 def test_requested_exits_and_an_all_keep_mask_leave_the_logits_bit_for_bit_unchanged():
     mesh = one_device()
     params = init_state(DENSE, optax.sgd(1.0), mesh, 0).params
     b = batch(DENSE)
-    model = Transformer(DENSE)
-    plain, _, _ = model.apply({"params": params}, b["inputs"], b["positions"], b["segment_ids"])
+    apply = jax.jit(Transformer(DENSE).apply)
+    plain, _, _ = apply({"params": params}, b["inputs"], b["positions"], b["segment_ids"])
     cfg = layerskip.LayerSkipConfig(exit_layers=(1,), layer_dropout_max=0.5)
     keep = {k: jnp.ones_like(v) for k, v in layerskip.layer_keep(cfg, DENSE, jax.random.key(0), ROWS).items()}
-    with_exits, aux, _ = model.apply({"params": params}, b["inputs"], b["positions"], b["segment_ids"],
-                                     layer_keep=keep, exits=jnp.asarray([1, 2]))
+    with_exits, aux, _ = apply({"params": params}, b["inputs"], b["positions"], b["segment_ids"],
+                               layer_keep=keep, exits=jnp.asarray([1, 2]))
     assert aux["exit_logits"].shape == (2, ROWS, SEQ, DENSE.vocab_size)
     assert np.array_equal(np.asarray(plain), np.asarray(with_exits))
 
@@ -136,12 +136,11 @@ def test_layer_dropout_rate_grows_with_depth_and_is_a_function_of_the_step_rng()
 
 
 
-def test_exit_losses_accumulate_exactly_over_micro_batches_with_moe():
+def test_exit_losses_accumulate_exactly_over_micro_batches():
     mesh = one_device()
     ls = layerskip.LayerSkipConfig(exit_layers=(1, 2), schedule="all")
-    moe = dataclasses.replace(MOE, router_aux_loss_weight=0.0, router_z_loss_weight=0.0)  # per-micro-batch means
-    one, m1 = run_step(moe, ls, mesh, accum=1)
-    two, m2 = run_step(moe, ls, mesh, accum=2)
+    one, m1 = run_step(DENSE, ls, mesh, accum=1)
+    two, m2 = run_step(DENSE, ls, mesh, accum=2)
     assert np.allclose(m1["exit_loss"], m2["exit_loss"], atol=1e-5), (m1["exit_loss"], m2["exit_loss"])
     worst = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)))
     assert worst < 1e-5, worst
@@ -180,9 +179,37 @@ def test_bad_layerskip_values_name_the_field(field, value, message):
     train.early_exit_layers = "1"
     train[field] = value
     with pytest.raises(ConfigError, match="train." + field) as e:
-        layerskip.from_train_config(train, DENSE)
+        layerskip.from_train_config(train, DENSE.n_layers)
     assert message in str(e.value)
     train = sections()["train"]
     train.update(early_exit_layers="1", early_exit_schedule="curriculum")
     with pytest.raises(ConfigError, match="must be positive with early_exit_schedule='curriculum'"):
-        layerskip.from_train_config(train, DENSE)
+        layerskip.from_train_config(train, DENSE.n_layers)
+
+
+def test_trainer_logs_exit_losses_and_resumes_layer_dropout_exactly(tmp_path, capsys):
+    from test_train_fixtures import tiny_config, write_corpus
+    from test_train_loop import read_scalars
+    from ultrathink_jax.train import train
+
+    corpus = write_corpus(tmp_path / "corpus")
+    overrides = {"train.steps": 4, "log.every_steps": 2, "checkpoint.every_steps": 2, "train.early_exit_layers": "0",
+                 "train.layer_dropout_max": 0.5, "log.progress": True}
+    full = train(tiny_config(*corpus, **overrides), tmp_path / "full")
+    console = capsys.readouterr().err
+    assert "exit_loss_layer0" in console, console
+    scalars = read_scalars(tmp_path / "full" / "tensorboard")
+    assert [s for s, _ in scalars["train/exit_loss_layer0"]] == [2, 4]
+    train(tiny_config(*corpus, **overrides), tmp_path / "resumed", until_step=2)
+    resumed = train(tiny_config(*corpus, **overrides), tmp_path / "resumed")
+    assert resumed.losses == {s: full.losses[s] for s in (3, 4)}, (resumed.losses, full.losses)
+
+
+def test_the_trainer_config_check_covers_the_layerskip_fields():
+    from configs import base
+    from ultrathink_jax.train.config import validate
+
+    config = base.get_config()
+    config.train.early_exit_layers = str(config.model.n_layers - 1)
+    with pytest.raises(ConfigError, match="train.early_exit_layers"):
+        validate(config)

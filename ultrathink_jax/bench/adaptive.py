@@ -15,7 +15,7 @@ import numpy as np
 TITLE = "Adaptive depth: early exit and self-speculative decoding (with and without LayerSkip training)"
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
+THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
 
 
 def _config(train_file, eval_file, steps: int, layerskip: bool):
@@ -84,7 +84,7 @@ def run(quick: bool) -> str:
     if not DATA.is_file():
         raise FileNotFoundError(f"{DATA} is missing (the adaptive benchmark trains on tiny Shakespeare)")
     load = os.getloadavg()[0]
-    steps, repeats, n_new = (20, 1, 32) if quick else (600, 3, 128)
+    steps, repeats, n_new = (20, 1, 32) if quick else (300, 3, 128)
     text = DATA.read_text()
     cut = int(len(text) * 0.9)
     lines = []
@@ -106,9 +106,9 @@ def run(quick: bool) -> str:
 
         model = resolve_model_config(config, tokenizer.vocab_size)
         ids = tokenizer.encode(text[cut:cut + 200_000])
-        held_out = np.asarray(ids[:16 * 64 if quick else 32 * 128], np.int32).reshape(16 if quick else 32, -1)
+        held_out = np.asarray(ids[:16 * (64 if quick else 128)], np.int32).reshape(16, -1)
         prompt = [ids[-64:]]  # batch 1
-        ls_cfg = layerskip.from_train_config(results["LayerSkip"][0].train, model)
+        ls_cfg = layerskip.from_train_config(results["LayerSkip"][0].train, model.n_layers)
         cost = _step_cost(model, ls_cfg, 3 if quick else 10)
 
         lines += [f"Load average at start: {load:.1f} on a 2-core machine shared with other jobs: every speed below is "

@@ -92,6 +92,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name, value, ok, why in checks:
         if not ok:
             raise ConfigError(f"config: {name}={value!r} {why}")
+    from ultrathink_jax.train.layerskip import from_train_config
+
+    from_train_config(t, config.model.n_layers)  # the LayerSkip fields' own checks
     if config.data.global_batch_size % t.grad_accum:
         raise ConfigError(f"config: data.global_batch_size={config.data.global_batch_size} must be divisible by "
                           f"train.grad_accum={t.grad_accum}")

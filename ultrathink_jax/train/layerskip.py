@@ -51,9 +51,9 @@ def parse_layers(text: str, n_layers: int) -> tuple[int, ...]:
     return tuple(layers)
 
 
-def from_train_config(train, model: ModelConfig) -> LayerSkipConfig | None:
+def from_train_config(train, n_layers: int) -> LayerSkipConfig | None:
     """The `train` section's LayerSkip fields, or None when LayerSkip is off (the step is then unchanged)."""
-    cfg = LayerSkipConfig(parse_layers(train.early_exit_layers, model.n_layers), float(train.early_exit_scale),
+    cfg = LayerSkipConfig(parse_layers(train.early_exit_layers, n_layers), float(train.early_exit_scale),
                           train.early_exit_schedule, int(train.early_exit_curriculum_steps),
                           float(train.layer_dropout_max))
     checks = [

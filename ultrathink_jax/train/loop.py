@@ -94,7 +94,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
     total = config.train.steps
     end = min(total, until_step) if until_step is not None else total
     fns = step_functions(model, tuple(sorted(config.optim.items())), total, config.train.grad_accum,
-                         config.train.z_loss_weight, mesh, layerskip.from_train_config(config.train, model))
+                         config.train.z_loss_weight, mesh, layerskip.from_train_config(config.train, model.n_layers))
     store = run_lib.checkpoints(workdir, config)
     progress = metrics_lib.Progress(total, enabled=is_main and config.log.progress, stream=out)
     writer = None
