@@ -87,7 +87,8 @@ def test_speculative_rejects_bad_settings(dense):
     with pytest.raises(GenerationError, match="speculative_k=0"):
         SpeculativeEngine(dense, SpeculativeConfig(1, 0)).generate(prompts(1), 4)
     with pytest.raises(GenerationError, match="repetition_penalty"):
-        SpeculativeEngine(dense, SpeculativeConfig(1, 2)).generate(prompts(1), 4, SamplingConfig(repetition_penalty=1.2))
+        SpeculativeEngine(dense, SpeculativeConfig(1, 2)).generate(prompts(1), 4,
+                                                                   SamplingConfig(repetition_penalty=1.2))
 
 
 def test_filled_kv_equals_what_the_layer_itself_writes():
@@ -114,8 +115,7 @@ def test_early_exit_at_threshold_one_is_plain_decoding(dense):
 
 @pytest.mark.parametrize("measure", ["max_prob", "margin"])
 def test_early_exit_with_a_low_threshold_exits_after_the_first_layer(dense, measure):
-    got, stats = EarlyExitEngine(dense, EarlyExitConfig(1e-9 if measure == "max_prob" else 0.0 + 1e-9,
-                                                        measure)).generate(prompts(2), 12)
+    got, stats = EarlyExitEngine(dense, EarlyExitConfig(1e-9, measure)).generate(prompts(2), 12)
     assert stats.mean_depth == 1.0
     assert stats.layer_flops_saved == pytest.approx(flops_saved(DENSE, np.asarray([1.0]), EarlyExitConfig(0.5))[0])
     assert 0.5 < stats.layer_flops_saved < 2 / 3  # 2 of 3 layers skipped, less their k/v projections

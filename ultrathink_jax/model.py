@@ -81,7 +81,6 @@ class Unit(nn.Module):
     config: ModelConfig
     kinds: tuple[bool, ...]
     deterministic: bool
-
     collect_hidden: bool = False  # also return each block's output (early-exit heads read them)
 
     @nn.compact
@@ -116,7 +115,7 @@ class Transformer(nn.Module):
 
         Returns (logits float32 [B, T, V], aux, new_cache). aux["moe"] holds the MoE layers' router statistics
         stacked in layer order (empty for a dense model); new_cache is None unless a cache was given.
-        LayerSkip (`ultrathink_jax.adaptive`): `layer_keep` {stage name: bool [n_units, n_blocks, B]} skips blocks
+        LayerSkip (`train/layerskip.py`): `layer_keep` {stage name: bool [n_units, n_blocks, B]} skips blocks
         per row; `exits` int32 [E] (layer indices) adds aux["exit_logits"] [E, B, T, V], the final norm and head
         applied to those layers' outputs. Both None (the default) leave the computation unchanged.
         """
@@ -161,7 +160,8 @@ class Transformer(nn.Module):
             aux["exit_logits"] = jnp.stack([head(picked[e]) for e in range(picked.shape[0])])
         new_cache = None
         if cache is not None:
-            new_cache = {"index": cache["index"] + tokens.shape[1], "segment_ids": kv_segment_ids, "stages": stage_caches}
+            new_cache = {"index": cache["index"] + tokens.shape[1], "segment_ids": kv_segment_ids,
+                         "stages": stage_caches}
         return logits, aux, new_cache
 
 
