@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from model_fixtures import init, row_inputs, single_device_mesh, tiny_config
+from model_fixtures import init, jitted_apply, row_inputs, tiny_config
 from ultrathink_jax.data.packing import pack_row
+from ultrathink_jax.losses import cross_entropy
 from ultrathink_jax.data.tokenizer import train_tokenizer
 from ultrathink_jax.model import Transformer
 from ultrathink_jax.posttrain import chat, dpo
@@ -35,6 +36,12 @@ def tokenizer():
     return tok
 
 
+@pytest.fixture(scope="module")
+def model():
+    config = tiny_config(vocab_size=320, max_seq_len=128)
+    return config, init(config)
+
+
 def test_mask_covers_assistant_content_and_end_of_turn_only(tokenizer):
     ids, mask = chat.encode_conversation(tokenizer, CONVERSATIONS[1])
     trained = tokenizer.decode([i for i, m in zip(ids, mask) if m])
@@ -42,11 +49,10 @@ def test_mask_covers_assistant_content_and_end_of_turn_only(tokenizer):
     assert tokenizer.decode(ids) == chat.render(tokenizer, CONVERSATIONS[1])
 
 
-def test_masked_tokens_get_zero_gradient(tokenizer):
-    config = tiny_config(vocab_size=320)
-    params = init(config)
+def test_masked_tokens_get_zero_gradient(tokenizer, model):
+    config, params = model
     stream = chat.chat_stream(CONVERSATIONS, tokenizer, config.vocab_size)
-    row = pack_row(stream, 0, 48, tokenizer.pad_id)
+    row = pack_row(stream, 0, 128, tokenizer.pad_id)
     batch = {k: jnp.asarray(v[None]) for k, v in row.items()}
     objective = jax.jit(jax.grad(make_objective(config, None, "sft", 0.1), has_aux=True))
     grads, _ = objective(params, {}, batch, None)
@@ -55,26 +61,22 @@ def test_masked_tokens_get_zero_gradient(tokenizer):
     assert int(jnp.sum(changed["targets"] != batch["targets"])) > 10
     grads2, _ = objective(params, {}, changed, None)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), grads, grads2))
-    logits = Transformer(config).apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])[0]
-    from ultrathink_jax.losses import cross_entropy
+    logits = jitted_apply(config)(params, batch["inputs"], batch["positions"], batch["segment_ids"])[0]
     g = jax.grad(lambda l: cross_entropy(l, batch["targets"], batch["weights"])[0])(logits)
     masked = np.asarray(batch["weights"][0]) == 0
     assert np.abs(np.asarray(g[0])[masked]).max() == 0.0 and np.abs(np.asarray(g[0])[~masked]).max() > 0
 
 
-def test_packed_loss_equals_unpacked(tokenizer):
-    config = tiny_config(vocab_size=320, max_seq_len=128)
-    params = init(config)
+def test_packed_loss_equals_unpacked(tokenizer, model):
+    config, params = model
     stream = chat.chat_stream(CONVERSATIONS, tokenizer, config.vocab_size)
     assert stream.n_tokens <= 128, "all conversations must fit one packed row"
     packed = pack_row(stream, 0, 128, tokenizer.pad_id)
     rows = [chat.sequence_row(*map(lambda x: x + [0], chat.encode_conversation(tokenizer, c)), 128, tokenizer.pad_id)
             for c in CONVERSATIONS]
-    from ultrathink_jax.losses import cross_entropy
-
     def loss(batch):
-        logits = jax.jit(Transformer(config).apply)({"params": params}, jnp.asarray(batch["inputs"]),
-                                                    jnp.asarray(batch["positions"]), jnp.asarray(batch["segment_ids"]))[0]
+        logits = jitted_apply(config)(params, jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]),
+                                      jnp.asarray(batch["segment_ids"]))[0]
         return [float(x) for x in cross_entropy(logits, jnp.asarray(batch["targets"]), jnp.asarray(batch["weights"]))]
 
     p_sum, p_w = loss({k: v[None] for k, v in packed.items()})
@@ -105,6 +107,19 @@ def _trl_sigmoid_loss(pi_c, pi_r, ref_c, ref_r, beta):
     """TRL DPOTrainer.dpo_loss, loss_type="sigmoid", label_smoothing=0 (trl/trainer/dpo_trainer.py)."""
     logits = (pi_c - pi_r) - (ref_c - ref_r)
     return (-torch.nn.functional.logsigmoid(beta * logits)).mean()
+
+
+def test_own_chat_template_is_kept_through_save_and_load(tmp_path):
+    from ultrathink_jax.data import load_tokenizer
+
+    tok = train_tokenizer(["hello there user assistant"] * 4, 280)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    loaded = load_tokenizer(tok.save(tmp_path))
+    assert loaded.chat_template == tok.chat_template and chat.ensure_chat_template(loaded) == []
+    ids, mask = chat.encode_conversation(loaded, [{"role": "user", "content": "hello"},
+                                                  {"role": "assistant", "content": "there"}])
+    assert loaded.decode(ids) == "user: hello\nassistant: there\n"
+    assert loaded.decode([i for i, m in zip(ids, mask) if m]) == "assistant: there\n"
 
 
 def test_dpo_loss_and_gradient_match_numpy_and_trl():
@@ -162,12 +177,18 @@ def test_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path):
     np.testing.assert_allclose(theirs, ours, atol=1e-5)
     np.testing.assert_allclose(merged, ours, atol=1e-5)
     assert np.abs(ours - np.asarray(Transformer(config).apply({"params": params}, *row_inputs(tokens))[0])).max() > 1e-3
+    # lora_dropout acts on the adapters' input while training only
+    noisy = lora_lib.LoraConfig(4, 8.0, 0.5, tuple(lora_lib.TARGETS))
+    train = lambda seed: np.asarray(lora_lib.apply(Transformer(config), params, adapters, noisy, *row_inputs(tokens),
+                                                   deterministic=False, rngs={"jitter": jax.random.PRNGKey(seed)})[0])
+    assert np.abs(train(0) - ours).max() > 1e-3 and np.abs(train(0) - train(1)).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(lora_lib.apply(Transformer(config), params, adapters, noisy,
+                                                         *row_inputs(tokens))[0]), ours, atol=1e-6)
 
 
-@pytest.mark.parametrize("moe", [False, True])
-def test_dpo_with_lora_starts_at_log2_and_trains_only_adapters(tokenizer, moe):
-    extra = dict(n_experts=4, n_experts_per_tok=2, moe_d_ff=64) if moe else {}
-    config = tiny_config(vocab_size=320, **extra)
+def test_dpo_with_lora_on_moe_starts_at_log2_and_trains_only_adapters(tokenizer):
+    # (dense DPO with LoRA runs end to end in test_posttrain_e2e.py)
+    config = tiny_config(vocab_size=320, n_experts=4, n_experts_per_tok=2, moe_d_ff=64)
     params = init(config)
     lora = lora_lib.LoraConfig(2, 4.0, 0.1, ("q", "v", "o"))
     adapters = lora_lib.init_adapters(params, lora)
@@ -183,8 +204,7 @@ def test_dpo_with_lora_starts_at_log2_and_trains_only_adapters(tokenizer, moe):
     assert set(jax.tree.leaves(jax.tree.map(lambda g: g.shape, grads), is_leaf=lambda x: isinstance(x, tuple))) \
         == set(jax.tree.leaves(jax.tree.map(lambda a: a.shape, adapters), is_leaf=lambda x: isinstance(x, tuple)))
     assert float(optax_norm(grads)) > 0 and math.isfinite(float(value))
-    if moe:
-        assert "moe_loss" in metrics
+    assert float(metrics["moe_loss"]) > 0
 
 
 def optax_norm(tree):

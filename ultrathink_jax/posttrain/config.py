@@ -9,8 +9,7 @@ from ultrathink_jax.config import ConfigError
 
 def section() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
-        "init_from": "",  # the run to start from: a launch.import_hf / launch.train / launch.sft run directory
-        "init_step": -1,  # its checkpoint (-1 = the latest)
+        "init_from": "",  # the run to start from (its latest checkpoint): launch.import_hf / train / sft / dpo
         "lora_rank": 0,  # 0 = full fine-tuning; > 0 = LoRA adapters of this rank, base weights frozen
         "lora_alpha": 16.0,  # adapter output scaled by alpha / rank
         "lora_dropout": 0.0,  # dropout on the adapters' input while training

@@ -104,7 +104,7 @@ def load_lora_parts(workdir, config, lora, step=None, mesh=None):
 def start_params(config, model: ModelConfig, mesh):
     """The starting run's params, grown to `model.vocab_size` if this run added chat tokens."""
     p = config.posttrain
-    start = load_model(p.init_from, None if p.init_step < 0 else p.init_step, mesh)
+    start = load_model(p.init_from, None, mesh)
     params, grown = resize_vocab(start.params, start.model_config, model.vocab_size)
     if dataclasses.replace(grown, **_training_fields(model)) != model:
         raise ConfigError(f"run {p.init_from} holds a different model than this run's model_config.json")
@@ -262,8 +262,7 @@ class PostTrainResult:
 def prepare(config, workdir, mesh):
     """Model, tokenizer (with a chat template), frozen and trainable trees for a new or resumed run."""
     workdir = Path(workdir)
-    start = load_model(config.posttrain.init_from,
-                       None if config.posttrain.init_step < 0 else config.posttrain.init_step, mesh)
+    start = load_model(config.posttrain.init_from, None, mesh)
     saved_tokenizer = workdir / TOKENIZER_DIR
     if (saved_tokenizer / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(saved_tokenizer)
