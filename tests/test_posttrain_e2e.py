@@ -68,13 +68,25 @@ def pipeline(tmp_path_factory):
     sft_train, sft_eval = _write(root / "sft.jsonl", _conversations(rng, 64)), _write(root / "sft_eval.jsonl", _conversations(rng, 8))
     sft = fine_tune(_post_config(root / "imported", sft_train, sft_eval, 30), root / "sft", "sft")
     dpo_train, dpo_eval = _write(root / "pairs.jsonl", _pairs(rng, 48)), _write(root / "pairs_eval.jsonl", _pairs(rng, 12))
-    dpo = fine_tune(_post_config(root / "sft", dpo_train, dpo_eval, 20, lora_rank=4, lora_targets="q,v,o,up",
-                                 dpo_beta=0.5), root / "dpo", "dpo")
-    return root, sft, dpo
+    dpo_config = _post_config(root / "sft", dpo_train, dpo_eval, 20, lora_rank=4, lora_targets="q,v,o,up",
+                              dpo_beta=0.5)
+    first = fine_tune(dpo_config, root / "dpo", "dpo", until_step=12)  # stopped like a preempted job ...
+    dpo = fine_tune(dpo_config, root / "dpo", "dpo")  # ... and resumed from its adapters-only checkpoint
+    return root, sft, dpo, first
+
+
+def test_dpo_with_full_fine_tuning_starts_at_log2(pipeline):
+    from ultrathink_jax.posttrain.loop import fine_tune
+
+    root = pipeline[0]
+    config = _post_config(root / "sft", str(root / "pairs.jsonl"), "", 2)
+    result = fine_tune(config, root / "dpo_full", "dpo")
+    assert abs(result.metrics[1]["loss"] - np.log(2)) < 1e-5  # the policy starts as the reference
+    assert result.metrics[2]["loss"] < result.metrics[1]["loss"]
 
 
 def test_sft_loss_on_assistant_tokens_falls(pipeline):
-    _, sft, _ = pipeline
+    _, sft, _, _ = pipeline
     first, last = np.mean([sft.losses[s] for s in (1, 2, 3)]), np.mean([sft.losses[s] for s in (28, 29, 30)])
     assert last < 0.5 * first, (first, last)
     assert sft.metrics[1]["tokens"] < 8 * 48 * 0.8  # only assistant tokens are counted (prompts are masked)
@@ -87,7 +99,13 @@ def test_dpo_learns_held_out_preferences_and_keeps_the_reference(pipeline):
     from ultrathink_jax.posttrain.loop import PreferenceBatches, evaluate_held_out, load_model
     from ultrathink_jax.train import run as run_lib
 
-    root, _, dpo = pipeline
+    root, _, dpo, first = pipeline
+    assert (first.start_step, first.final_step, dpo.start_step, dpo.final_step) == (0, 12, 12, 20)
+    # LoRA checkpoints hold the adapters and their optimizer state only, not the frozen base
+    for item in ("params", "opt_state"):
+        saved = json.loads((root / "dpo" / "checkpoints" / "20" / item / "_METADATA").read_text())["tree_metadata"]
+        names = {k for key in saved for k in ("lora_a", "lora_b", "kernel", "embedding", "scale") if f"'{k}'" in key}
+        assert names == {"lora_a", "lora_b"}, (item, names)
     assert dpo.evals["rewards/accuracy"] > 0.5 and dpo.evals["rewards/margin"] > 0.1, dpo.evals
     # the reference is the SFT model: its log-probs on the held-out pairs, measured apart, are what DPO reports
     mesh = sharding.make_mesh({"fsdp": -1})
@@ -110,7 +128,7 @@ def test_export_loads_in_transformers_and_generates_with_the_chat_template(pipel
     from ultrathink_jax.posttrain import chat
     from ultrathink_jax.posttrain.loop import load_model
 
-    root, _, _ = pipeline
+    root, _, _, _ = pipeline
     assert export_hf.main([f"--workdir={root / 'dpo'}", f"--out={root / 'dpo_hf'}"]) == 0
     tok = transformers.AutoTokenizer.from_pretrained(root / "dpo_hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(root / "dpo_hf", dtype=torch.float32)
@@ -127,7 +145,7 @@ def test_constitutional_pipeline_writes_files_sft_and_dpo_read(pipeline, capsys)
     from launch import constitutional
     from ultrathink_jax.posttrain import chat
 
-    root, _, _ = pipeline
+    root, _, _, _ = pipeline
     prompts = root / "prompts.txt"
     prompts.write_text("the cat\na dog ran\nbirds sing\n")
     for mode in ("revision", "feedback"):

@@ -277,7 +277,9 @@ def prepare(config, workdir, mesh):
 
 
 def fine_tune(config: ml_collections.ConfigDict, workdir: str | os.PathLike, objective: str,
-              out: TextIO | None = None) -> PostTrainResult:
+              out: TextIO | None = None, until_step: int | None = None) -> PostTrainResult:
+    """Trains `objective` ("sft" or "dpo") to `config.train.steps` (or stops after `until_step`, checkpointing
+    there, as a preempted job would), resuming from the workdir's latest checkpoint; evaluates at the end."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r} not in {OBJECTIVES}")
     out = out or sys.stderr
@@ -304,7 +306,9 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | os.PathLike, obj
     if lora:
         frozen, trainable = {"base": params}, lora_lib.init_adapters(params, lora, config.train.seed)
     else:
-        frozen, trainable = ({"reference": params} if objective == "dpo" else {}), params
+        # the reference gets buffers of its own: the trainable params are donated to each step
+        frozen = {"reference": jax.tree.map(lambda x: x.copy(), params)} if objective == "dpo" else {}
+        trainable = params
     total = config.train.steps
     tx, schedule = make_optimizer(config.optim, total)
     shardings = _shardings(model, lora, tx, mesh, jax.eval_shape(lambda: trainable))
@@ -339,7 +343,8 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | os.PathLike, obj
             writer = metrics_lib.Writer(workdir / "tensorboard", enabled=config.log.tensorboard)
             what = f"LoRA rank {lora.rank} on {','.join(lora.targets)}" if lora else "full fine-tuning"
             progress.message(f"{objective}: {what}; train data {train_iter.stats}")
-            result = _loop(config, state, frozen, step_fn, store, writer, progress, train_iter, total, mesh)
+            end = total if until_step is None else min(total, until_step)
+            result = _loop(config, state, frozen, step_fn, store, writer, progress, train_iter, end, mesh)
             if eval_batches is not None:
                 result.evals = evaluate_held_out(model, lora,
                                                  objective, config, result.params, frozen, eval_batches, mesh)
@@ -354,12 +359,12 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | os.PathLike, obj
         store.close()
 
 
-def _loop(config, state, frozen, step_fn, store, writer, progress, train_iter, total, mesh) -> PostTrainResult:
+def _loop(config, state, frozen, step_fn, store, writer, progress, train_iter, end, mesh) -> PostTrainResult:
     step = int(jax.device_get(state.step))
     result = PostTrainResult(step, step, {}, {}, {}, 0.0)
     t0 = time.perf_counter()
     window_t, window_tokens = time.perf_counter(), 0.0
-    while step < total:
+    while step < end:
         batch = global_batch(next(train_iter), mesh)
         state, m = step_fn(state, frozen, batch)
         step += 1
@@ -371,14 +376,14 @@ def _loop(config, state, frozen, step_fn, store, writer, progress, train_iter, t
         result.losses[step] = m["loss"]
         result.metrics[step] = m
         window_tokens += m["tokens"]
-        if step % config.log.every_steps == 0 or step == total:
+        if step % config.log.every_steps == 0 or step == end:
             seconds = time.perf_counter() - window_t
             writer.scalars(step, {f"train/{k}": v for k, v in m.items()}
                            | {"perf/tokens_per_second": window_tokens / max(seconds, 1e-9)})
             rate = window_tokens / max(seconds, 1e-9)
-            progress.update(step, m["loss"], rate, (total - step) * seconds / max(config.log.every_steps, 1))
+            progress.update(step, m["loss"], rate, (end - step) * seconds / config.log.every_steps)
             window_t, window_tokens = time.perf_counter(), 0.0
-        if step % config.checkpoint.every_steps == 0 or step == total:
+        if step % config.checkpoint.every_steps == 0 or step == end:
             store.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
                        train_iter.get_state())
     result.final_step, result.seconds, result.params = step, time.perf_counter() - t0, state.params
