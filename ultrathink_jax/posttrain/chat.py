@@ -15,6 +15,7 @@ Files: `.jsonl`, one example per line:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -181,8 +182,7 @@ def read_preferences(spec: str) -> list[tuple[list[dict], str, str]]:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    import os
-
+    """Written whole to a temporary file, then renamed: a reader never sees half a file."""
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

@@ -21,6 +21,7 @@ examples/constitutional/).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 from pathlib import Path
@@ -32,7 +33,6 @@ import numpy as np
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.data.errors import DataError, DataFileNotFoundError
 from ultrathink_jax.data.tokenizer import Tokenizer
-from ultrathink_jax.generate import generate
 from ultrathink_jax.posttrain import chat, dpo
 from ultrathink_jax.posttrain.chat import sequence_row
 
@@ -184,6 +184,7 @@ class Model:
         return [float(x) for x in jax.device_get(dpo.sequence_logps(logits, batch["targets"], batch["weights"]))]
 
 
+@functools.lru_cache(maxsize=None)
 def _forward(config: ModelConfig):
     from ultrathink_jax.model import Transformer
 

@@ -41,6 +41,7 @@ from ultrathink_jax.posttrain import lora as lora_lib
 from ultrathink_jax.train import TrainingError, evaluate
 from ultrathink_jax.train import run as run_lib
 from ultrathink_jax.train.config import VOCAB_MULTIPLE
+from ultrathink_jax.train.loop import data_parallel_size
 from ultrathink_jax.train.config import validate as validate_trainer
 from ultrathink_jax.train.optim import make_optimizer
 from ultrathink_jax.train.state import TrainState, state_shardings
@@ -294,6 +295,10 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | os.PathLike, obj
     run_lib.check_same_shapes(workdir, model)
 
     cfg_d = config.data
+    rows, dp = cfg_d.global_batch_size * (2 if objective == "dpo" else 1), data_parallel_size(mesh)
+    if rows % dp:
+        raise ConfigError(f"config: data.global_batch_size={cfg_d.global_batch_size} gives {rows} rows per step, "
+                          f"not divisible by the {dp} data-parallel devices (mesh data x fsdp x expert)")
     if objective == "sft":
         train_iter = sft_batches(cfg_d.train_files, tokenizer, cfg_d, model.vocab_size, train=True)
         eval_batches = (sft_batches(cfg_d.eval_files, tokenizer, cfg_d, model.vocab_size, train=False)
