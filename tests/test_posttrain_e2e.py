@@ -140,6 +140,16 @@ def test_export_loads_in_transformers_and_generates_with_the_chat_template(pipel
     ours = generate(params, ours_model, [ids[0].tolist()], 6)[0]
     assert out[0, ids.shape[1]:].tolist() == ours
 
+    # the PEFT adapter of the same run, loaded onto the export of the run it started from, is the same model
+    import peft
+
+    assert export_hf.main([f"--workdir={root / 'dpo'}", f"--out={root / 'dpo_peft'}", "--peft"]) == 0
+    assert export_hf.main([f"--workdir={root / 'sft'}", f"--out={root / 'sft_hf'}"]) == 0
+    base = transformers.AutoModelForCausalLM.from_pretrained(root / "sft_hf", dtype=torch.float32)
+    adapted = peft.PeftModel.from_pretrained(base, root / "dpo_peft").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(adapted(ids).logits.numpy(), model(ids).logits.numpy(), atol=1e-5)
+
 
 def test_constitutional_pipeline_writes_files_sft_and_dpo_read(pipeline, capsys):
     from launch import constitutional
