@@ -209,3 +209,17 @@ def test_dpo_with_lora_on_moe_starts_at_log2_and_trains_only_adapters(tokenizer)
 
 def optax_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_growing_the_vocabulary_keeps_every_old_logit():
+    from ultrathink_jax.posttrain.loop import resize_vocab
+
+    config = tiny_config()  # untied: the embedding and lm_head both grow
+    params = init(config)
+    grown, bigger = resize_vocab(params, config, 192)
+    assert bigger.vocab_size == 192 and grown["lm_head"]["kernel"].shape == (config.d_model, 192)
+    np.testing.assert_allclose(grown["embed"]["embedding"][150], params["embed"]["embedding"].mean(0), rtol=1e-6)
+    tokens = np.arange(20, dtype=np.int32)[None] % config.vocab_size
+    old = jitted_apply(config)(params, *row_inputs(tokens))[0]
+    new = jitted_apply(bigger)(grown, *row_inputs(tokens))[0]
+    np.testing.assert_allclose(np.asarray(new[..., :config.vocab_size]), np.asarray(old), atol=1e-6)
