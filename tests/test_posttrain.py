@@ -1,6 +1,7 @@
 """Post-training pieces on a tiny model: assistant-token masks, packing, the DPO loss against NumPy and TRL's
 formula, LoRA against PEFT, and DPO on an MoE model with adapters."""
 
+import functools
 import json
 import math
 
@@ -107,6 +108,87 @@ def _trl_sigmoid_loss(pi_c, pi_r, ref_c, ref_r, beta):
     """TRL DPOTrainer.dpo_loss, loss_type="sigmoid", label_smoothing=0 (trl/trainer/dpo_trainer.py)."""
     logits = (pi_c - pi_r) - (ref_c - ref_r)
     return (-torch.nn.functional.logsigmoid(beta * logits)).mean()
+
+
+def test_own_chat_template_is_kept_through_save_and_load(tmp_path):
+    from ultrathink_jax.data import load_tokenizer
+
+    tok = train_tokenizer(["hello there user assistant"] * 4, 280)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    loaded = load_tokenizer(tok.save(tmp_path))
+    assert loaded.chat_template == tok.chat_template and chat.ensure_chat_template(loaded) == []
+    ids, mask = chat.encode_conversation(loaded, [{"role": "user", "content": "hello"},
+                                                  {"role": "assistant", "content": "there"}])
+    assert loaded.decode(ids) == "user: hello\nassistant: there\n"
+    assert loaded.decode([i for i, m in zip(ids, mask) if m]) == "assistant: there\n"
+
+
+def test_dpo_loss_and_gradient_match_numpy_and_trl():
+    rng = np.random.default_rng(0)
+    B, T, V, beta = 6, 7, 11, 0.3
+    logits, ref_logits = rng.normal(size=(B, T, V)).astype(np.float32), rng.normal(size=(B, T, V)).astype(np.float32)
+    targets = rng.integers(0, V, (B, T)).astype(np.int32)
+    weights = (rng.random((B, T)) > 0.4).astype(np.float32)
+
+    def loss_fn(l):
+        return dpo.dpo_loss(dpo.sequence_logps(l, targets, weights), dpo.sequence_logps(ref_logits, targets, weights),
+                            beta)
+    (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(jnp.asarray(logits))
+    np_loss, np_grad = _numpy_dpo(logits, ref_logits, targets, weights, beta)
+    np.testing.assert_allclose(float(loss), np_loss, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), np_grad, atol=1e-6)
+
+    t_logits = torch.tensor(logits, requires_grad=True)
+    lp = torch.log_softmax(t_logits, -1).gather(-1, torch.tensor(targets, dtype=torch.long)[..., None])[..., 0]
+    pi = (lp * torch.tensor(weights)).sum(-1)
+    ref = (torch.log_softmax(torch.tensor(ref_logits), -1).gather(-1, torch.tensor(targets, dtype=torch.long)[..., None])
+           [..., 0] * torch.tensor(weights)).sum(-1)
+    t_loss = _trl_sigmoid_loss(pi[0::2], pi[1::2], ref[0::2], ref[1::2], beta)
+    t_loss.backward()
+    np.testing.assert_allclose(float(loss), float(t_loss.detach()), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), t_logits.grad.numpy(), atol=1e-6)
+    chosen, rejected = beta * (pi[0::2] - ref[0::2]).detach(), beta * (pi[1::2] - ref[1::2]).detach()
+    np.testing.assert_allclose(float(metrics["rewards/margin"]), float((chosen - rejected).mean()), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["rewards/accuracy"]), float((chosen > rejected).float().mean()))
+
+
+def test_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path):
+    import peft
+    import transformers
+
+    from ultrathink_jax.hf.export import export_params
+
+    config = tiny_config()
+    params = jax.device_get(init(config))
+    lora = lora_lib.LoraConfig(4, 8.0, 0.0, tuple(lora_lib.TARGETS))
+    adapters = lora_lib.init_adapters(params, lora, seed=1)
+    adapters = jax.tree.map(lambda x: x + 0.05 * np.random.default_rng(2).normal(size=x.shape).astype(np.float32),
+                            adapters)  # B != 0, so the adapters change the output
+    export_params(params, config, tmp_path / "base")
+    lora_lib.peft_adapter(adapters, lora, config, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    tokens = np.random.default_rng(3).integers(0, config.vocab_size, (2, 12)).astype(np.int32)
+    inputs = row_inputs(tokens)
+
+    @functools.partial(jax.jit, static_argnums=(2, 3))
+    def forward(adapters, seed, lora, training):
+        return lora_lib.apply(Transformer(config), params, adapters, lora, *inputs, deterministic=not training,
+                              rngs={"jitter": jax.random.PRNGKey(seed)} if training else None)[0]
+
+    ours = np.asarray(forward(adapters, 0, lora, False))
+    merged = np.asarray(jitted_apply(config)(lora_lib.merge(params, adapters, lora), *inputs)[0])
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-5)
+    np.testing.assert_allclose(merged, ours, atol=1e-5)
+    assert np.abs(ours - np.asarray(jitted_apply(config)(params, *inputs)[0])).max() > 1e-3
+    # lora_dropout acts on the adapters' input while training only
+    noisy = lora_lib.LoraConfig(4, 8.0, 0.5, tuple(lora_lib.TARGETS))
+    train0, train1 = np.asarray(forward(adapters, 0, noisy, True)), np.asarray(forward(adapters, 1, noisy, True))
+    assert np.abs(train0 - ours).max() > 1e-3 and np.abs(train0 - train1).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(forward(adapters, 0, noisy, False)), ours, atol=1e-6)
 
 
 def test_own_chat_template_is_kept_through_save_and_load(tmp_path):
