@@ -102,5 +102,6 @@ def test_export_refuses_a_checkpoint_holding_non_finite_values(corpus, tmp_path,
     out = tmp_path / "hf"
     assert export_hf.main([f"--workdir={tmp_path / 'run'}", f"--out={out}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("launch.export_hf: error: checkpoint step 0 of ") and "non-finite values" in err, err
+    assert err.startswith("launch.export_hf: error: the newest intact checkpoint of "), err
+    assert "holds non-finite values in 1 tensor(s)" in err, err
     assert "\n" not in err and not out.exists()

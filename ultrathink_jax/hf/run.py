@@ -39,7 +39,6 @@ def get_config():
 def export_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
                dtype: str = "float32", overwrite: bool = False, **kwargs) -> Path:
     """Exports checkpoint `step` (default: latest) of a training run, with its tokenizer."""
-    from ultrathink_jax.checkpoint import non_finite_leaves
     from ultrathink_jax.train.run import load_run_at
 
     if dtype not in DTYPES:
@@ -48,11 +47,19 @@ def export_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, step: int
     if out.is_dir() and any(out.iterdir()) and not overwrite:  # fail before restoring anything
         raise ExportError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
     run, step = load_run_at(workdir, step)
-    bad = non_finite_leaves(run.params)
-    if bad:  # transformers would load it without complaint and produce NaN logits
-        raise ExportError(f"checkpoint step {step} of {workdir} holds non-finite values in {len(bad)} tensor(s) "
-                          f"({', '.join(bad[:3])}); refusing to export it")
+    refuse_non_finite(run.params, workdir, step)
     return export_params(run.params, run.model_config, out, dtype, run.tokenizer, overwrite=overwrite, **kwargs)
+
+
+def refuse_non_finite(params, workdir, step: int | None) -> None:
+    """ExportError if `params` hold a NaN or infinity: transformers would load them silently, then emit NaNs."""
+    from ultrathink_jax.checkpoint import non_finite_leaves
+
+    bad = non_finite_leaves(params)
+    if bad:
+        where = f"checkpoint step {step}" if step is not None else "the newest intact checkpoint"
+        raise ExportError(f"{where} of {workdir} holds non-finite values in {len(bad)} tensor(s) "
+                          f"({', '.join(bad[:3])}); refusing to export it")
 
 
 def import_run(hf_dir: str | os.PathLike, workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> Path:

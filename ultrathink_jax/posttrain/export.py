@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ultrathink_jax.hf.export import DTYPES, ExportError, export_params, prepare_out_dir
+from ultrathink_jax.hf.run import refuse_non_finite
 from ultrathink_jax.posttrain import lora as lora_lib
 from ultrathink_jax.posttrain.loop import load_lora_parts, load_model, lora_config
 from ultrathink_jax.train import run as run_lib
@@ -26,6 +27,7 @@ def export_any_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, step:
     lora = lora_config(config)
     if not peft:
         run = load_model(workdir, step)
+        refuse_non_finite(run.params, workdir, step)
         return export_params(run.params, run.model_config, out, dtype, run.tokenizer, overwrite=overwrite)
     if lora is None:
         raise ExportError(f"{workdir} is not a LoRA run (posttrain.lora_rank is 0): it has no adapters to export")
