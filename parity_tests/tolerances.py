@@ -90,3 +90,7 @@ def assert_grads_close(actual: dict[str, torch.Tensor], expected: dict[str, torc
 
 # Training parity (JAX/optax vs twin/torch.optim, 20 AdamW steps): per-step loss, |Δ| <= TRAIN_LOSS_REL * max(1, |twin|).
 TRAIN_LOSS_REL = 1e-4
+# llama.cpp (GGUF through llama-cpp-python, CPU) vs JAX, next-token logits: max|Δ| <= rel * max(1, max|logit|)
+# (test_gguf_llamacpp). f32 is the bound; q8_0 is measured below.
+GGUF_LOGITS_REL = 1e-4
+GGUF_Q8_0_LOGITS_REL = 5e-2

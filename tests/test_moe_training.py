@@ -1,5 +1,5 @@
 """A short MoE training run on the embedded corpus stays balanced: TensorBoard's router telemetry at the end
-shows every expert above 1/(4E) of the routed tokens and a load-balance factor above 0.8."""
+shows every expert above 1/(4E) of the routed tokens, a load-balance factor above 0.8, and every layer balanced."""
 
 import struct
 from pathlib import Path
@@ -64,7 +64,10 @@ def test_short_training_run_keeps_every_expert_busy_and_balanced(tmp_path):
     balance = scalars[(40, "moe/load_balance_factor")]
     assert min(shares) > 1 / (4 * E), shares
     assert balance > 0.8, (balance, shares)
-    for layer in (0, 1):  # per-layer telemetry is logged too (transformers' aux loss pools the layers, so a
-        # single layer may be less balanced than the pool)
-        assert 0 < scalars[(40, f"moe/layer_{layer}/load_balance_factor")] <= 1
+    # The per-layer Switch loss (the default) balances each layer, not only the pool. Measured on this run with 3
+    # layers: transformers' pooled loss leaves layers at 0.35 / 0.32 / 0.39 under an overall 0.79; per-layer gives
+    # 0.83 / 0.72 / 0.89. (The 150-step moe_default goal is measured in BENCHMARKS.md: too slow for CI.)
+    layers = [scalars[(40, f"moe/layer_{layer}/load_balance_factor")] for layer in (0, 1)]
+    assert min(layers) > 0.6, layers
+    assert all(scalars[(40, f"moe/layer_{layer}/load_entropy_bits")] > 2.8 for layer in (0, 1))
     assert scalars[(40, "moe/drop_fraction")] == 0.0  # dropless
