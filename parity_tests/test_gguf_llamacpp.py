@@ -125,7 +125,8 @@ def test_llamacpp_q8_0_logits_within_the_documented_bound(name, cases, llama):
     cfg, params, _, _, _, spec = cases[name]
     _, arrays = result(llama, name)
     rel = _max_rel_diff(cfg, params, arrays, spec)
-    assert rel <= GGUF_Q8_0_LOGITS_REL, f"{name}: q8_0 llama.cpp vs JAX f32 logits rel {rel:.2e}"
+    bound = GGUF_Q8_0_LOGITS_REL[name.split("_")[0]]
+    assert rel <= bound, f"{name}: q8_0 llama.cpp vs JAX f32 logits rel {rel:.2e} > {bound}"
     assert rel > GGUF_LOGITS_REL, f"{name}: q8_0 matches f32 to {rel:.2e}: were the weights really quantized?"
 
 

@@ -48,4 +48,5 @@ def test_moe_default_is_small_enough_for_a_cpu_and_exports_as_mixtral_for_every_
     assert param_count(moe) < 20e6
     assert all(moe.is_moe_layer(i) for i in range(moe.n_layers))
     assert moe.router_aux_loss_per_layer, "every layer must balance, not only the pool"
+    assert moe.router_aux_loss_weight == 0.1  # measured, see configs/base.moe_variant
     assert family(moe) == "mixtral" and gguf_refusal(moe) is None
