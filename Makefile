@@ -38,8 +38,11 @@ install: $(STAMP)
 train: $(STAMP)
 	$(PY) -m launch.train $(ARGS)
 
+# Tests run in TEST_WORKERS processes (pytest-xdist), a whole file per worker so module fixtures are built once.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(HF4_STAMP) $(LLAMA_STAMP)
-	$(PY) -m pytest -q tests parity_tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests parity_tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m launch.bench $(ARGS)
