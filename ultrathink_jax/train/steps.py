@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ultrathink_jax import losses, sharding
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.model import Transformer
-from ultrathink_jax.moe import moe_loss
+from ultrathink_jax.moe import moe_loss, update_selection_bias
 from ultrathink_jax.train import layerskip as layerskip_lib
 from ultrathink_jax.train.state import TrainState
 
@@ -85,6 +85,8 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, sched
         grads = jax.tree.map(lambda g: g / denom, grad_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if "moe" in sums:  # aux-loss-free balancing (a no-op unless router_bias_update_rate > 0)
+            params = update_selection_bias(state.params, params, sums["moe"]["expert_counts"], config)
         grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
         # A non-finite loss, gradient or update (an overflowing batch, a diverging learning rate) is skipped here,
         # on the device: params and optimizer state stay as they were, so nothing non-finite is ever checkpointed.
