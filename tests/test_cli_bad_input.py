@@ -94,6 +94,30 @@ CASES = [
                                               "--config.data.train_files={truncated_jsonl}"], "invalid JSON"),
     ("tokenize-unknown-key", "tokenize", ["--config={config}", "--out={fresh}/tok", "--config.data.nope=1"],
      "unknown config key 'data.nope'"),
+    # launch.export_gguf
+    ("gguf-not-a-run", "export_gguf", ["--workdir={absent}", "--out={fresh}/m.gguf"], "not a training run"),
+    ("gguf-damaged-run", "export_gguf", ["--workdir={damaged_run}", "--out={fresh}/m.gguf"], "no intact checkpoint"),
+    ("gguf-bad-dtype", "export_gguf", ["--workdir={run}", "--out={fresh}/m.gguf", "--dtype=q4_k"], "q4_k"),
+    ("gguf-pickle-weights", "export_gguf", ["--hf_dir={hf_pickle_only}", "--out={fresh}/m.gguf"], "pickle"),
+    ("gguf-existing-output-kept", "export_gguf", ["--workdir={run}", "--out={existing_out}/config.json"],
+     "exists"),
+    # launch.sft / launch.dpo
+    ("sft-missing-data", "sft", ["--workdir={fresh}/sft", "--init={run}", "--data={absent}"], "absent"),
+    ("sft-not-conversations", "sft", ["--workdir={fresh}/sft", "--init={run}", "--data={truncated_jsonl}"],
+     "truncated.jsonl"),
+    ("sft-init-damaged", "sft", ["--workdir={fresh}/sft", "--init={damaged_run}", "--data={truncated_jsonl}"],
+     "damaged_run"),
+    ("dpo-not-pairs", "dpo", ["--workdir={fresh}/dpo", "--init={run}", "--data={truncated_jsonl}"],
+     "truncated.jsonl"),
+    ("dpo-unknown-key", "dpo", ["--workdir={fresh}/dpo", "--init={run}", "--config.posttrain.nope=1"],
+     "unknown config key 'posttrain.nope'"),
+    # launch.constitutional
+    ("constitutional-missing-principles", "constitutional", ["--workdir={run}", "--principles={absent}",
+                                                             "--prompts={empty}", "--out={fresh}/cai"], "absent"),
+    ("constitutional-binary-prompts", "constitutional", ["--workdir={run}", "--principles={principles}",
+                                                         "--prompts={binary}", "--out={fresh}/cai"], "is not UTF-8 text"),
+    ("constitutional-damaged-run", "constitutional", ["--workdir={damaged_run}", "--principles={principles}",
+                                                      "--prompts={prompts}", "--out={fresh}/cai"], "damaged_run"),
     # launch.bench
     ("bench-unknown-benchmark", "bench", ["--only=nope"], "unknown benchmark"),
 ]
@@ -144,7 +168,9 @@ def world(tmp_path_factory):
     paths = {"config": config, "run": run, "damaged_run": damaged, "hf": hf, "absent": root / "absent",
              "empty": root / "empty.txt", "binary": root / "binary.txt", "pickle": root / "weights.pkl",
              "truncated_jsonl": root / "truncated.jsonl", "truncated_parquet": root / "truncated.parquet",
-             "existing_out": root / "existing_out", "marker": marker}
+             "existing_out": root / "existing_out", "marker": marker,
+             "principles": REPO / "examples" / "constitutional" / "principles.jsonl",
+             "prompts": REPO / "examples" / "constitutional" / "prompts.txt"}
     paths["empty"].write_text("")
     paths["binary"].write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     paths["pickle"].write_bytes(pickle.dumps(Payload(marker)))

@@ -103,6 +103,15 @@ def decode_utf8(data: bytes) -> tuple[str, int]:
     return text, _counter.n
 
 
+def read_utf8_file(path: Path) -> tuple[str, int]:
+    """(text, invalid sequences replaced); a mostly-invalid file is binary, not text, and is refused."""
+    text, bad = decode_utf8(Path(path).read_bytes())
+    if bad > MAX_INVALID_UTF8_FRACTION * len(text):
+        raise DataError(f"{path} is not UTF-8 text: {bad} of its {len(text)} characters are invalid UTF-8 "
+                        f"(more than {MAX_INVALID_UTF8_FRACTION:.0%}); below that they are replaced and counted")
+    return text, bad
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 class StdlibCorpus(TextSource):
@@ -230,11 +239,7 @@ class FileSource(TextSource):
                 yield from self._text(path, stats)
 
     def _text(self, path: Path, stats: SourceStats) -> Iterator[str]:
-        data = path.read_bytes()
-        text, bad = decode_utf8(data)
-        if bad > MAX_INVALID_UTF8_FRACTION * len(text):  # a binary file, not text with a few stray bytes
-            raise DataError(f"{path} is not UTF-8 text: {bad} of its {len(text)} characters are invalid UTF-8 "
-                            f"(more than {MAX_INVALID_UTF8_FRACTION:.0%}); below that they are replaced and counted")
+        text, bad = read_utf8_file(path)
         stats.invalid_utf8 += bad
         if self.txt_split == "file":
             yield text

@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ultrathink_jax.data.errors import DataError, DataFileNotFoundError
+from ultrathink_jax.data.sources import read_utf8_file
 from ultrathink_jax.data.packing import TokenStream
 from ultrathink_jax.data.tokenizer import Tokenizer
 
@@ -117,7 +118,7 @@ def _lines(path: str | Path) -> Iterable[tuple[str, dict]]:
     p = Path(path)
     if not p.is_file():
         raise DataFileNotFoundError(f"data file does not exist: {p}")
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_utf8_file(p)[0].splitlines(), 1):
         if not line.strip():
             continue
         where = f"{p}:{n}"

@@ -32,6 +32,7 @@ import numpy as np
 
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.data.errors import DataError, DataFileNotFoundError
+from ultrathink_jax.data.sources import read_utf8_file
 from ultrathink_jax.data.tokenizer import Tokenizer
 from ultrathink_jax.posttrain import chat, dpo
 from ultrathink_jax.posttrain.chat import sequence_row
@@ -64,7 +65,7 @@ def _read(path) -> str:
     p = Path(path)
     if not p.is_file():
         raise DataFileNotFoundError(f"file does not exist: {p}")
-    return p.read_text(encoding="utf-8")
+    return read_utf8_file(p)[0]
 
 
 def read_principles(path) -> list[dict]:
