@@ -20,7 +20,9 @@ def main(argv=None) -> int:
     def run() -> int:
         args, config = common.parse_config_args(parser, argv)
         from ultrathink_jax.train import train
+        from ultrathink_jax.train.timing import enable_compilation_cache
 
+        enable_compilation_cache(f"{args.workdir}/xla_cache")  # a rerun of this workdir starts without compiling
         train(config, args.workdir)
         return 0
 

@@ -28,6 +28,7 @@ from ultrathink_jax.train import steps as steps_lib
 from ultrathink_jax.train.config import validate
 from ultrathink_jax.train.optim import make_optimizer
 from ultrathink_jax.train.state import TrainState, abstract_state, init_state, state_shardings
+from ultrathink_jax.train.timing import Phases
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
     workdir = Path(workdir)
     mesh = sharding.make_mesh(dict(config.mesh))
     _check_batch(config, mesh)
-    tokenizer = build_tokenizer(config.data, workdir)
+    phases = Phases()
+    with phases.time("tokenizer"):
+        tokenizer = build_tokenizer(config.data, workdir)
     model = run_lib.resolve_model_config(config, tokenizer.vocab_size)
     run_lib.check_same_shapes(workdir, model)
-    train_iter = build_train_iterator(config.data, tokenizer, workdir)
-    eval_batches = build_eval_iterator(config.data, tokenizer, workdir=workdir)
+    with phases.time("data"):
+        train_iter = build_train_iterator(config.data, tokenizer, workdir)
+        eval_batches = build_eval_iterator(config.data, tokenizer, workdir=workdir)
 
     total = config.train.steps
     end = min(total, until_step) if until_step is not None else total
@@ -106,12 +110,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
             run_lib.write_run_files(workdir, config, model)
             writer = metrics_lib.Writer(workdir / "tensorboard", enabled=is_main and config.log.tensorboard)
             result = _loop(config, model, mesh, fns, state, store, writer, progress, train_iter,
-                           eval_batches, end)
-        store.wait()
+                           eval_batches, end, phases)
+        with phases.time("checkpoint"):
+            store.wait()
         if config.train.sample_tokens:
-            result.sample = sample_text(model, result.params, tokenizer, config.train, mesh)
+            with phases.time("sample"):
+                result.sample = sample_text(model, result.params, tokenizer, config.train, mesh)
             progress.message(f"sample:\n{result.sample}")
             writer.text(result.final_step, "sample", result.sample)
+        progress.message(phases.summary())
         return result
     finally:
         progress.close()
@@ -173,7 +180,8 @@ def step_functions(model: ModelConfig, optim_items: tuple, total_steps: int, gra
 
 
 def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progress, train_iter, eval_batches,
-          end) -> TrainResult:
+          end, phases: Phases | None = None) -> TrainResult:
+    phases = phases or Phases()
     cfg_l = config.log
     step_fn = fns.train_step
     eval_fn = fns.eval_step if eval_batches is not None else None
@@ -193,9 +201,10 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
     step = start
     while step < end:
         step_t = time.perf_counter()
-        batch = steps_lib.global_batch(next(train_iter), mesh)
-        state, m = step_fn(state, batch)
-        m = jax.device_get(m)
+        with phases.time("steps" if timed else "compile"):  # the first step of an invocation compiles
+            batch = steps_lib.global_batch(next(train_iter), mesh)
+            state, m = step_fn(state, batch)
+            m = jax.device_get(m)
         step += 1
         loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -236,17 +245,21 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
             window_steps = 0
 
         if eval_fn is not None and config.eval.every_steps and step % config.eval.every_steps == 0 and step != end:
-            _run_eval(eval_fn, state.params, eval_batches, mesh, config, step, writer, progress, result)
+            with phases.time("eval"):
+                _run_eval(eval_fn, state.params, eval_batches, mesh, config, step, writer, progress, result)
         if step % config.checkpoint.every_steps == 0 and step != end:
-            store.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
-                       train_iter.get_state())
+            with phases.time("checkpoint"):
+                store.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
+                           train_iter.get_state())
             last_saved = step
 
     if eval_fn is not None and step not in result.evals:
-        _run_eval(eval_fn, state.params, eval_batches, mesh, config, step, writer, progress, result)
+        with phases.time("eval"):
+            _run_eval(eval_fn, state.params, eval_batches, mesh, config, step, writer, progress, result)
     if last_saved != step:
-        store.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
-                   train_iter.get_state())
+        with phases.time("checkpoint"):
+            store.save(step, state.params, state.opt_state, {"step": state.step, "rng": state.rng},
+                       train_iter.get_state())
     result.final_step, result.seconds = step, time.perf_counter() - t0
     result.params = state.params
     tps = timed_tokens / timed_seconds if timed_seconds else 0.0
