@@ -98,7 +98,7 @@ def _dropless_local(x, index, weight, wi_gate, wi_up, wo, act: Activation, out_d
 def _tiled_experts(x, order, flat_expert, group_sizes, k, wi_gate, wi_up, wo, act: Activation):
     """Grouped SwiGLU as one batched matmul over row tiles. Assignments sorted by expert are laid out so that each
     expert's group starts on a tile boundary (its last tile zero-padded); each tile then multiplies by its expert's
-    weights, gathered per tile. Rows computed <= assignments + E x (GROUP_TILE - 1): no assignment is dropped and
+    weights, selected per tile. Rows computed <= assignments + E x (GROUP_TILE - 1): no assignment is dropped and
     at most one partial tile per expert is wasted. x [N, D] tokens -> [N * k, D] per assignment (unsorted)."""
     n_assign, n_experts, d = flat_expert.shape[0], wi_gate.shape[0], x.shape[-1]
     tile = min(GROUP_TILE, n_assign)
@@ -113,9 +113,12 @@ def _tiled_experts(x, order, flat_expert, group_sizes, k, wi_gate, wi_up, wo, ac
     tiles = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_token].reshape(n_tiles, tile, d)
     tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_tiles) * tile, side="right"),
                               n_experts - 1)  # tiles past the last group are all padding
-    h = act(jnp.einsum("ntd,ndf->ntf", tiles, wi_gate[tile_expert])) * jnp.einsum("ntd,ndf->ntf", tiles,
-                                                                                     wi_up[tile_expert])
-    out_rows = jnp.einsum("ntf,nfd->ntd", h, wo[tile_expert]).reshape(n_tiles * tile, d)
+    # per-tile weights by a one-hot matmul: its gradient is a matmul too, where a gather's is a serial scatter-add
+    select = jax.nn.one_hot(tile_expert, n_experts, dtype=wi_gate.dtype)
+    per_tile = lambda w: jnp.einsum("ne,e...->n...", select, w)
+    h = act(jnp.einsum("ntd,ndf->ntf", tiles, per_tile(wi_gate))) * jnp.einsum("ntd,ndf->ntf", tiles,
+                                                                                  per_tile(wi_up))
+    out_rows = jnp.einsum("ntf,nfd->ntd", h, per_tile(wo)).reshape(n_tiles * tile, d)
     return out_rows[row_of_assignment]
 
 
