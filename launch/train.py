@@ -12,7 +12,9 @@ from launch import common
 PROG = "launch.train"
 
 
-def main(argv=None) -> int:
+def main(argv=None, compile_cache: bool = False) -> int:
+    """`compile_cache`: XLA's persistent cache in the workdir (on for the command line; it is process-wide, so
+    in-process callers such as tests leave it off)."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/default", help="run directory (created; resumed if it exists)")
@@ -20,9 +22,11 @@ def main(argv=None) -> int:
     def run() -> int:
         args, config = common.parse_config_args(parser, argv)
         from ultrathink_jax.train import train
-        from ultrathink_jax.train.timing import enable_compilation_cache
 
-        enable_compilation_cache(f"{args.workdir}/xla_cache")  # a rerun of this workdir starts without compiling
+        if compile_cache:
+            from ultrathink_jax.train.timing import enable_compilation_cache
+
+            enable_compilation_cache(f"{args.workdir}/xla_cache")  # a rerun of this workdir starts without compiling
         train(config, args.workdir)
         return 0
 
@@ -30,4 +34,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(compile_cache=True))
