@@ -95,6 +95,27 @@ def parse_config_args(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     return args, config
 
 
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """Multi-process flags (see ultrathink_jax/distributed.py); on SLURM/MPI/K8s/Cloud TPU none are needed."""
+    g = parser.add_argument_group("multi-process (default: $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, "
+                                  "$JAX_PROCESS_ID, or the cluster JAX detects)")
+    g.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+    g.add_argument("--num_processes", type=int, default=None, help="processes in the job")
+    g.add_argument("--process_id", type=int, default=None, help="this process, 0 .. num_processes-1")
+    g.add_argument("--heartbeat_timeout", type=int, default=30,
+                   help="seconds of silence after which a peer counts as dead and the others exit")
+    g.add_argument("--init_timeout", type=int, default=300, help="seconds to wait for every process to join")
+
+
+def start_distributed(args: argparse.Namespace, prog: str) -> bool:
+    """Joins the job's distributed runtime (before any device is touched); False for a single process."""
+    from ultrathink_jax import distributed
+
+    settings = distributed.settings_from(args.coordinator_address, args.num_processes, args.process_id,
+                                         args.heartbeat_timeout, args.init_timeout)
+    return distributed.initialize(settings, prog)
+
+
 def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -103,6 +124,7 @@ def run_main(prog: str, main: Callable[[], int]) -> int:
     """Runs `main`; the project's input errors become `prog: error: <one line>` and exit status 2."""
     from ultrathink_jax.checkpoint import CheckpointError
     from ultrathink_jax.data import DataError
+    from ultrathink_jax.distributed import DistributedError, finish, wait_for_dead_peer
     from ultrathink_jax.sharding import MeshError
     from ultrathink_jax.train import TrainingError
 
@@ -114,10 +136,16 @@ def run_main(prog: str, main: Callable[[], int]) -> int:
     # retrieved" walls. The first failure reaches us and is reported as one CheckpointError line.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
-        return main()
-    except (ConfigError, MeshError, DataError, CheckpointError, FileNotFoundError, TrainingError) as e:
+        code = main()
+        finish()  # peers must not take this process's clean exit for a crash
+        return code
+    except (ConfigError, MeshError, DataError, CheckpointError, FileNotFoundError, TrainingError,
+            DistributedError) as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        wait_for_dead_peer()  # a failed collective of a multi-process run: report the dead peer instead
+        raise

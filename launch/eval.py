@@ -19,12 +19,17 @@ def main(argv=None) -> int:
     parser.add_argument("--eval_files", default="", help="comma-separated files/globs/directories of text")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--batch_size", type=int, default=0, help="rows per batch (default: the run's)")
+    common.add_distributed_args(parser)
     args = parser.parse_args(argv)
 
     def run() -> int:
+        common.start_distributed(args, PROG)
         result = evaluate_run(args.workdir, args.eval_files or None, args.step, args.batch_size)
-        print(f"step {result['step']}: loss {result['loss']:.4f} perplexity {result['perplexity']:.3f} "
-              f"over {result['tokens']} tokens ({result['source']})")
+        import jax
+
+        if jax.process_index() == 0:  # every process computed the same global numbers
+            print(f"step {result['step']}: loss {result['loss']:.4f} perplexity {result['perplexity']:.3f} "
+                  f"over {result['tokens']} tokens ({result['source']})")
         return 0
 
     return common.run_main(PROG, run)

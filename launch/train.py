@@ -1,5 +1,7 @@
 """Trains a model: `python -m launch.train [--config=configs/default.py] [--config.a.b=V ...] [--workdir=DIR]`.
 
+Multi-process: run the same command in every process, with --coordinator_address/--num_processes/--process_id
+(or the JAX_* environment variables, or nothing on SLURM / Open MPI / Kubernetes / Cloud TPU); see the README.
 Re-running with the same workdir resumes from its latest checkpoint. Everything lands in the workdir
 (checkpoints, tokenizer, resolved config, TensorBoard events), so `launch.eval --workdir=DIR` needs nothing else.
 """
@@ -18,9 +20,11 @@ def main(argv=None, compile_cache: bool = False) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/default", help="run directory (created; resumed if it exists)")
+    common.add_distributed_args(parser)
 
     def run() -> int:
         args, config = common.parse_config_args(parser, argv)
+        common.start_distributed(args, PROG)
         from ultrathink_jax.train import train
 
         if compile_cache:

@@ -207,8 +207,10 @@ def test_files_config_builds_train_and_eval_iterators_and_caches_tokens(tmp_path
     ev = build_eval_iterator(cfg, tok, workdir=tmp_path, process_index=0, process_count=1)
     assert ev.stats["documents"] == 2, ev.stats
     assert sum(float(b["weights"].sum()) for b in ev) == ev.n_targets == ev.stats["tokens"] - 2
-    cached = sorted((tmp_path / "data_cache").glob("tokens-*.npz"))
-    assert len(cached) == 2, cached
+    cached = sorted((tmp_path / "data_cache").glob("tokens-*.npz"))  # evaluation: in memory, cached
+    assert len(cached) == 1, cached
+    prepared = sorted((tmp_path / "data_cache").glob("prepared-*/manifest.json"))  # training: token shards
+    assert len(prepared) == 1, prepared
     again = build_train_iterator(cfg, tok, tmp_path, process_index=0, process_count=1)
     assert again.stats == it.stats
     _assert_same_batches(_take(again, 3), _take(build_train_iterator(cfg, tok, None, process_index=0,

@@ -14,6 +14,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ultrathink_jax.config import ModelConfig
 
@@ -49,13 +50,15 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 @functools.lru_cache(maxsize=None)
 def _measured_peak_flops(device: jax.Device, n: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of a float32 n x n matmul on `device`: the reference where no data-sheet peak is known (CPU)."""
-    a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = f(a)
-    out.block_until_ready()
+    # A one-device mesh of its own: under the trainer's mesh a one-device jit would be rejected.
+    with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("one",))):
+        a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+        f = jax.jit(lambda x: x @ x)
+        f(a).block_until_ready()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = f(a)
+        out.block_until_ready()
     return 2 * n ** 3 * repeats / (time.perf_counter() - start)
 
 
@@ -63,7 +66,7 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> tuple[float, str]:
     """(FLOP/s, where the number comes from): the override, the data-sheet table, or a measured matmul."""
     if override_tflops:
         return override_tflops * 1e12, "configured log.peak_tflops"
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]  # jax.devices()[0] may belong to another process
     for kind, tflops in PEAK_TFLOPS.items():
         if device.device_kind.startswith(kind):
             return tflops * 1e12, f"{kind} bf16 data sheet"

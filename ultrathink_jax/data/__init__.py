@@ -15,9 +15,15 @@ padding; `segment_ids` (1.. per document piece, 0 = padding) and `positions` (re
 attention stay inside a document; `weights` is 1 exactly where the target continues the input's document.
 The model's vocabulary must cover `tokenizer.vocab_size` ids.
 
-With `hf_dataset` and `streaming` set, `build_train_iterator` returns a `StreamingTrainIterator` instead: documents
-are read, tokenized and packed lazily, rows mixed in a seeded buffer of `shuffle_buffer_rows`, and its state
-(position in the stream, carried tokens, buffer, RNG) resumes exactly; memory stays bounded.
+Training text is tokenized once into token shards on disk (`shards.prepare`, the `launch.tokenize` CLI; done
+lazily into <workdir>/data_cache when `prepared` / `mixture` name none) and read by row index through grain:
+each process packs only its rows of each global batch and the iterator state is a few integers. `mixture`
+interleaves several prepared datasets by weight.
+
+With `hf_dataset` and `streaming` set, `build_train_iterator` returns a `StreamingTrainIterator` instead: each
+process reads its own part of the stream, documents are tokenized and packed lazily, rows shuffled in seeded
+blocks of `shuffle_buffer_rows`; its state (where the current block began, two counters) resumes exactly and
+stays a few integers; memory stays bounded.
 
 With no training data configured, the default corpus is the running Python's standard-library source, with a
 fixed held-out split for evaluation. Bad input raises `DataError` (a ValueError) or `DataFileNotFoundError`
@@ -30,11 +36,13 @@ from ultrathink_jax.data.packing import TokenStream, num_rows, pack_documents, p
 from ultrathink_jax.data.pipeline import (EvalBatches, TrainIterator, build_eval_iterator, build_tokenizer,
                                           build_train_iterator, eval_source, load_tokens, train_source)
 from ultrathink_jax.data.sources import FileSource, HFSource, SourceStats, StdlibCorpus
+from ultrathink_jax.data.shards import PreparedDataset, ShardRows, prepare
 from ultrathink_jax.data.streaming import StreamingTrainIterator
 from ultrathink_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
-    "DataError", "DataFileNotFoundError", "EvalBatches", "FileSource", "HFSource", "SourceStats", "StdlibCorpus",
+    "DataError", "DataFileNotFoundError", "EvalBatches", "FileSource", "HFSource", "PreparedDataset", "ShardRows",
+    "SourceStats", "StdlibCorpus", "prepare",
     "StreamingTrainIterator", "TokenStream", "Tokenizer", "TokenizerError", "TrainIterator", "build_eval_iterator", "build_tokenizer",
     "build_train_iterator", "default_config", "eval_source", "load_tokenizer", "load_tokens", "num_rows",
     "pack_documents", "pack_row", "train_source", "train_tokenizer", "validate",

@@ -20,6 +20,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.hf_split = "train"
     c.hf_eval_split = ""  # "" = no Hugging Face evaluation split
     c.streaming = False  # stream the Hugging Face dataset instead of downloading it whole
+    # Prepared token shards (`python -m launch.tokenize`), read by index. Neither set = the source above is
+    # tokenized once into <workdir>/data_cache/prepared-<key>/ (with `cache`) and read the same way.
+    c.prepared = ""  # a prepared dataset directory
+    c.mixture = ""  # several, with weights: "DIR:0.7,DIR2:0.3" (deterministic by seed, resumes exactly)
+    c.tokenize_workers = 2  # worker processes tokenizing shards (0 = in this process; 1 shard = always here)
+    c.shard_chars = 32_000_000  # text per token shard (about 8M tokens)
     c.max_chars = 0  # cap on training characters read from files / Hugging Face (0 = all)
     c.eval_max_chars = 0  # cap on evaluation characters, any source (0 = all)
     # Embedded default corpus: the interpreter's standard-library .py files.
@@ -63,7 +69,31 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("train_files", not (cfg.train_files and cfg.hf_dataset), "and hf_dataset are both set; choose one"),
         ("eval_files", not (cfg.eval_files and cfg.hf_eval_split), "and hf_eval_split are both set; choose one"),
         ("hf_eval_split", not (cfg.hf_eval_split and not cfg.hf_dataset), "is set but hf_dataset is empty"),
+        ("tokenize_workers", cfg.tokenize_workers >= 0, "must be >= 0 (0 = in this process)"),
+        ("shard_chars", cfg.shard_chars > 0, "must be positive"),
+        ("prepared", not (cfg.prepared and cfg.mixture), "and mixture are both set; choose one"),
+        ("prepared", not ((cfg.prepared or cfg.mixture) and (cfg.train_files or cfg.hf_dataset)),
+         "(or mixture) is set together with train_files/hf_dataset; a prepared dataset already holds the "
+         "training text: set one"),
     ]
     for name, ok, why in checks:
         if not ok:
             raise DataError(f"data config: {name}={cfg[name]!r} {why}")
+    mixture_entries(cfg.mixture)
+
+
+def mixture_entries(text: str) -> list[tuple[str, float]]:
+    """"DIR:0.7,DIR2:0.3" -> [(DIR, 0.7), (DIR2, 0.3)]; raises DataError naming a malformed entry."""
+    entries = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        path, sep, weight = item.rpartition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = float("nan")
+        if not sep or not path or not w > 0:
+            raise DataError(f"data config: mixture entry {item!r} must be DIR:WEIGHT with a positive weight")
+        entries.append((path, w))
+    if len(entries) == 1:
+        raise DataError(f"data config: mixture={text!r} has one dataset; use data.prepared for one")
+    return entries
