@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed
 # A second, minimal environment with transformers 4.x: parity_tests/test_hf4_compat.py loads our exports in it.
 HF4_VENV := .venv-hf4
 HF4_STAMP := $(HF4_VENV)/.installed
+# A third one with llama-cpp-python (llama.cpp built from its sdist, CPU only, a few minutes on 2 cores; pip caches
+# the built wheel, so a rebuilt venv reuses it): parity_tests/test_gguf_llamacpp.py runs our GGUF files in it.
+LLAMA_VENV := .venv-llama
+LLAMA_STAMP := $(LLAMA_VENV)/.installed
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
 .PHONY: install train test bench clean
 
@@ -22,16 +27,25 @@ $(HF4_STAMP): constraints-hf4.txt
 	$(HF4_VENV)/bin/python -m pip install --quiet -c constraints-hf4.txt torch transformers safetensors tokenizers numpy
 	touch $(HF4_STAMP)
 
+$(LLAMA_STAMP): constraints-llama.txt
+	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(LLAMA_VENV)/bin/python -m pip install --quiet -c constraints-llama.txt llama-cpp-python numpy
+	touch $(LLAMA_STAMP)
+
 install: $(STAMP)
 
 train: $(STAMP)
 	$(PY) -m launch.train $(ARGS)
 
-test: $(STAMP) $(HF4_STAMP)
-	$(PY) -m pytest -q tests parity_tests $(PYTEST_ARGS)
+# Tests run in TEST_WORKERS processes (pytest-xdist), a whole file per worker so module fixtures are built once.
+TEST_WORKERS ?= 2
+
+test: $(STAMP) $(HF4_STAMP) $(LLAMA_STAMP)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests parity_tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m launch.bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(HF4_VENV) *.egg-info
+	rm -rf $(VENV) $(HF4_VENV) $(LLAMA_VENV) *.egg-info

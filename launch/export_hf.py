@@ -1,6 +1,9 @@
 """Exports a training run as a Hugging Face model directory:
 `python -m launch.export_hf --workdir=RUN [--step=N] --out=DIR [--dtype=float32|bfloat16|float16] [--overwrite]`.
 
+A LoRA run (launch.sft / launch.dpo with posttrain.lora_rank > 0) is exported with its adapters merged into the
+weights, or with --peft as a PEFT adapter directory for the export of the run it started from.
+
 The directory loads offline with `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)` (llama, mixtral or qwen2_moe, chosen from the model's layout).
 """
@@ -22,16 +25,18 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     parser.add_argument("--dtype", default="float32", help="weight dtype: float32, bfloat16 or float16")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--peft", action="store_true",
+                        help="LoRA runs: write a PEFT adapter directory instead of merged weights")
     args = parser.parse_args(argv)
 
     def run() -> int:
         from ultrathink_jax.hf import ExportError, HFCompatibilityWarning, HFFormatError
-        from ultrathink_jax.hf.run import export_run
+        from ultrathink_jax.posttrain.export import export_any_run
 
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", HFCompatibilityWarning)
-                out = export_run(args.workdir, args.out, args.step, args.dtype, args.overwrite)
+                out = export_any_run(args.workdir, args.out, args.step, args.dtype, args.overwrite, args.peft)
         except (ExportError, HFFormatError) as e:
             print(f"{PROG}: error: {common.one_line(e)}", file=sys.stderr)
             return 2

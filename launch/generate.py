@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repetition_penalty", type=float, default=1.0, help="CTRL penalty; 1 = off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--early_exit_threshold", type=float, default=None,
+                        help="CALM early exit: a token leaves after the first layer whose confidence reaches this "
+                             "(in (0, 1]; default: off)")
+    parser.add_argument("--early_exit_measure", default="max_prob", help="max_prob or margin (top-1 minus top-2)")
+    parser.add_argument("--speculative_draft_layers", type=int, default=0,
+                        help="self-speculative decoding: draft with this many layers (default 0: off)")
+    parser.add_argument("--speculative_k", type=int, default=4, help="draft tokens per verification")
     parser.add_argument("--mesh", default="", help="device mesh as axis=size pairs, e.g. tensor=2,fsdp=4 "
                                                    "(default: the first device)")
     return parser
@@ -166,14 +173,46 @@ def generate_text(args, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> l
     stream = OrderedStream(tokenizer, headers, [t for _, _, t in rows],
                            [token_budget(config, len(p), args.max_new_tokens) for p in ids], tokenizer.eos_id, out)
     engine = Engine(params, config, mesh)
+    adaptive = adaptive_engine(args, engine)
     start = time.perf_counter()
-    tokens = engine.generate(ids, args.max_new_tokens, sampling, tokenizer.eos_id, args.seed, on_token=stream)
+    if adaptive is None:
+        tokens = engine.generate(ids, args.max_new_tokens, sampling, tokenizer.eos_id, args.seed, on_token=stream)
+        report = ""
+    else:  # decodes on device to the end, then prints
+        tokens, stats = adaptive.generate(ids, args.max_new_tokens, sampling, tokenizer.eos_id, args.seed)
+        for r, row in enumerate(tokens):
+            for t in row:
+                stream(r, t)
+        report = describe_stats(stats)
     stream.finish()
     seconds = time.perf_counter() - start
     n = sum(map(len, tokens))
     err.write(f"{PROG}: {n} tokens in {len(rows)} sample(s), {seconds:.2f} s ({n / seconds:.1f} tokens/s, "
-              "compilation included)\n")
+              f"compilation included){report}\n")
     return tokens
+
+
+def adaptive_engine(args, engine):
+    """The early-exit or self-speculative decoder the flags ask for, or None for plain decoding."""
+    from ultrathink_jax.generate import GenerationError
+    from ultrathink_jax.generate.early_exit import EarlyExitConfig, EarlyExitEngine
+    from ultrathink_jax.generate.speculative import SpeculativeConfig, SpeculativeEngine
+
+    if args.early_exit_threshold is not None and args.speculative_draft_layers:
+        raise GenerationError("--early_exit_threshold and --speculative_draft_layers are alternatives; pass one")
+    if args.early_exit_threshold is not None:
+        return EarlyExitEngine(engine, EarlyExitConfig(args.early_exit_threshold, args.early_exit_measure))
+    if args.speculative_draft_layers:  # a bad value is reported by SpeculativeConfig.check
+        return SpeculativeEngine(engine, SpeculativeConfig(args.speculative_draft_layers, args.speculative_k))
+    return None
+
+
+def describe_stats(stats) -> str:
+    if hasattr(stats, "acceptance_rate"):
+        return (f"; speculative: acceptance rate {stats.acceptance_rate:.1%}, "
+                f"{stats.tokens_per_round:.2f} tokens per verification")
+    return (f"; early exit: mean exit depth {stats.mean_depth:.2f} of {stats.n_layers} layers, "
+            f"{stats.layer_flops_saved:.1%} of layer FLOPs saved")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

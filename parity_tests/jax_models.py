@@ -31,7 +31,8 @@ from ultrathink_jax.params import abstract_params
 
 VOCAB = 256
 _BASE = dict(vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=128, init_std=0.1,
-             router_aux_loss_weight=0.02, router_z_loss_weight=0.0)  # z-loss has no transformers counterpart
+             router_aux_loss_weight=0.02, router_z_loss_weight=0.0,  # z-loss has no transformers counterpart
+             router_aux_loss_per_layer=False)  # transformers' pooled aux loss, so losses compare exactly
 MODELS = {
     # llama: GQA, explicit head_dim, untied head
     "dense": dict(_BASE, n_layers=2, head_dim=12, d_ff=64, rope_theta=500.0),

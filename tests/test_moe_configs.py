@@ -40,7 +40,13 @@ def test_moe_preset_parameter_counts(size):
     assert active == dense_total + n_moe * moe.d_model * moe.n_experts, (active, dense_total)  # + routers only
 
 
-def test_moe_default_is_small_enough_for_a_cpu_and_keeps_layer_0_dense():
+def test_moe_default_is_small_enough_for_a_cpu_and_exports_as_mixtral_for_every_target():
+    from ultrathink_jax.hf import family
+    from ultrathink_jax.hf.gguf_export import gguf_refusal
+
     moe = model_of("moe_default")
     assert param_count(moe) < 20e6
-    assert [moe.is_moe_layer(i) for i in range(moe.n_layers)] == [False] + [True] * (moe.n_layers - 1)
+    assert all(moe.is_moe_layer(i) for i in range(moe.n_layers))
+    assert moe.router_aux_loss_per_layer, "every layer must balance, not only the pool"
+    assert moe.router_aux_loss_weight == 0.1  # measured, see configs/base.moe_variant
+    assert family(moe) == "mixtral" and gguf_refusal(moe) is None

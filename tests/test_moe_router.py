@@ -129,7 +129,8 @@ def test_load_balance_gradient_flows_through_probabilities_only(logits, valid):
 
 def test_moe_loss_weights_pooled_load_balance_and_z_loss(logits, valid):
     from ultrathink_jax.config import ModelConfig
-    cfg = ModelConfig(n_experts=E, router_aux_loss_weight=0.5, router_z_loss_weight=0.25)
+    cfg = ModelConfig(n_experts=E, router_aux_loss_weight=0.5, router_z_loss_weight=0.25,
+                      router_aux_loss_per_layer=False)
     layers = [logits, logits * 0.3]
     per_layer = [layer_aux(l, valid) for l in layers]
     aux_moe = {name: jnp.stack([p[i] for p in per_layer])
@@ -141,11 +142,12 @@ def test_moe_loss_weights_pooled_load_balance_and_z_loss(logits, valid):
     assert abs(got - expected) < 1e-5, (got, expected)
 
 
-def test_moe_loss_per_layer_option_averages_the_layers_own_losses(logits, valid):
+def test_moe_loss_per_layer_default_averages_the_layers_own_losses(logits, valid):
     from ultrathink_jax.config import ModelConfig
-    per_layer_cfg = ModelConfig(n_experts=E, router_aux_loss_weight=0.5, router_z_loss_weight=0.0,
-                                router_aux_loss_per_layer=True)
-    pooled_cfg = ModelConfig(n_experts=E, router_aux_loss_weight=0.5, router_z_loss_weight=0.0)
+    per_layer_cfg = ModelConfig(n_experts=E, router_aux_loss_weight=0.5, router_z_loss_weight=0.0)
+    assert per_layer_cfg.router_aux_loss_per_layer, "the per-layer loss is the default"
+    pooled_cfg = ModelConfig(n_experts=E, router_aux_loss_weight=0.5, router_z_loss_weight=0.0,
+                             router_aux_loss_per_layer=False)
     # Two layers routing differently (the second reverses the expert order): pooling mixes their statistics.
     stats = [layer_aux(l, valid) for l in (logits, logits[..., ::-1])]
     aux_moe = {name: jnp.stack([s[i] for s in stats])
@@ -155,3 +157,32 @@ def test_moe_loss_per_layer_option_averages_the_layers_own_losses(logits, valid)
     per_layer = float(router.moe_loss(aux_moe, per_layer_cfg))
     assert per_layer == pytest.approx(0.5 * float(jnp.mean(aux_moe["aux_loss"])), rel=1e-6)
     assert per_layer != pytest.approx(float(router.moe_loss(aux_moe, pooled_cfg)), rel=1e-3)
+
+
+def test_selection_bias_changes_which_experts_are_chosen_but_not_their_weights(logits):
+    x = jnp.asarray(logits)
+    plain = router.route(x, K)
+    bias = jnp.zeros(E).at[E - 1].set(10.0)  # large enough to force expert E-1 into every token's top-k
+    biased = router.route(x, K, True, bias)
+    assert bool(jnp.all(jnp.any(biased.expert_index == E - 1, axis=-1)))
+    assert not bool(jnp.all(jnp.any(plain.expert_index == E - 1, axis=-1)))
+    chosen = jnp.take_along_axis(plain.probs, biased.expert_index, axis=-1)
+    np.testing.assert_allclose(biased.expert_weight, chosen / chosen.sum(-1, keepdims=True), rtol=1e-6)
+    g = jax.grad(lambda b: jnp.sum(router.route(x, K, True, b).expert_weight ** 2))(bias)
+    assert float(jnp.abs(g).max()) == 0.0, "the selection bias must get no gradient"
+
+
+def test_selection_bias_update_moves_toward_balance_from_the_old_bias():
+    from ultrathink_jax.config import ModelConfig
+    cfg = ModelConfig(n_layers=2, n_experts=4, router_bias_update_rate=0.01)
+    path = router.selection_bias_path(cfg)
+    old = {"moe_units": {"block_0": {"moe": {"selection_bias": jnp.zeros((2, 4)), "wo": jnp.ones(3)}}}}
+    new = {"moe_units": {"block_0": {"moe": {"selection_bias": jnp.full((2, 4), 5.0), "wo": jnp.zeros(3)}}}}
+    counts = jnp.asarray([[10.0, 2.0, 2.0, 2.0], [4.0, 4.0, 4.0, 4.0]])
+    out = router.update_selection_bias(old, new, counts, cfg)
+    np.testing.assert_allclose(out["moe_units"]["block_0"]["moe"]["selection_bias"],
+                               [[-0.01, 0.01, 0.01, 0.01], [0.0, 0.0, 0.0, 0.0]])  # the optimizer's 5.0 is ignored
+    np.testing.assert_array_equal(out["moe_units"]["block_0"]["moe"]["wo"], jnp.zeros(3))
+    assert path == ("moe_units", "block_0", "moe", "selection_bias")
+    off = ModelConfig(n_layers=2, n_experts=4)
+    assert router.update_selection_bias(old, new, counts, off) is new

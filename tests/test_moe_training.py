@@ -1,5 +1,5 @@
 """A short MoE training run on the embedded corpus stays balanced: TensorBoard's router telemetry at the end
-shows every expert above 1/(4E) of the routed tokens and a load-balance factor above 0.8."""
+shows every expert above 1/(4E) of the routed tokens, a load-balance factor above 0.8, and every layer balanced."""
 
 import struct
 from pathlib import Path
@@ -33,9 +33,10 @@ def moe_config():
     config.model = base.model_section(vocab_size=0, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                                       max_seq_len=32, tie_embeddings=True, n_experts=E, n_experts_per_tok=2,
                                       moe_d_ff=32, router_jitter=0.01,
-                                      # measured on this run: aux weight 0 collapses to balance 0.25 (an expert
-                                      # at 0.02% of the tokens); 0.05 ends at 0.87 with every share > 11%
-                                      router_aux_loss_weight=0.05)
+                                      # measured on this run (pooled loss): aux weight 0 collapses to balance
+                                      # 0.25 (an expert at 0.02% of the tokens); 0.05 ends at 0.87. The per-layer
+                                      # default at 0.05 ends at 0.79 overall; 0.15 (3 layers) 0.88
+                                      router_aux_loss_weight=0.15)
     config.data.default_corpus_max_chars = 300_000  # the embedded stdlib corpus, trimmed for speed
     config.data.vocab_size = 384
     config.data.seq_len = 32
@@ -64,7 +65,11 @@ def test_short_training_run_keeps_every_expert_busy_and_balanced(tmp_path):
     balance = scalars[(40, "moe/load_balance_factor")]
     assert min(shares) > 1 / (4 * E), shares
     assert balance > 0.8, (balance, shares)
-    for layer in (0, 1):  # per-layer telemetry is logged too (transformers' aux loss pools the layers, so a
-        # single layer may be less balanced than the pool)
-        assert 0 < scalars[(40, f"moe/layer_{layer}/load_balance_factor")] <= 1
+    # The per-layer Switch loss (the default) balances each layer, not only the pool. Measured on this run with 3
+    # layers: transformers' pooled loss (weight 0.05) leaves layers at 0.35 / 0.32 / 0.39 under an overall 0.79;
+    # per-layer gives 0.83 / 0.72 / 0.89 at 0.05 and 0.84 / 0.86 / 0.78 at 0.15. (The 150-step moe_default goal is
+    # measured in BENCHMARKS.md: 150 steps of that model are too slow for CI.)
+    layers = [scalars[(40, f"moe/layer_{layer}/load_balance_factor")] for layer in (0, 1)]
+    assert min(layers) > 0.6, layers
+    assert all(scalars[(40, f"moe/layer_{layer}/load_entropy_bits")] > 2.8 for layer in (0, 1))
     assert scalars[(40, "moe/drop_fraction")] == 0.0  # dropless

@@ -100,3 +100,24 @@ def test_bf16_compute_keeps_float32_params_and_optimizer_state():
     dtypes = {str(x.dtype) for x in jax.tree.leaves((new_state.params, new_state.opt_state))}
     assert dtypes <= {"float32", "int32"}, dtypes
     assert metrics["loss"].dtype == jnp.float32 and "z_loss" in metrics
+
+
+def test_aux_loss_free_bias_moves_by_the_rate_toward_balance_and_only_the_step_moves_it():
+    """With router_bias_update_rate the jitted step changes each layer's selection bias by exactly
+    +-rate * sign(mean load - load) (AdamW with weight decay would otherwise shrink it) and reports the counts."""
+    cfg = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16,
+                      n_experts=4, router_bias_update_rate=0.01)
+    mesh = sharding.make_mesh({}, jax.devices()[:1])
+    tx = optax.adamw(1e-2, weight_decay=0.5)
+    with sharding.activate(mesh):
+        state = init_state(cfg, tx, mesh, seed=0)
+        step = jit_train_step(make_train_step(cfg, tx, lambda s: 1e-2, 1, z_loss_weight=0.0),
+                              state_shardings(cfg, tx, mesh), mesh)
+        new, metrics = jax.device_get(step(jax.tree.map(jnp.copy, state), global_batch(packed_batch(), mesh)))
+    before = np.asarray(jax.device_get(state.params["moe_units"]["block_0"]["moe"]["selection_bias"]))
+    after = new.params["moe_units"]["block_0"]["moe"]["selection_bias"]
+    counts = metrics["moe"]["expert_counts"]  # [n_layers, E]
+    np.testing.assert_array_equal(before, np.zeros((2, 4), np.float32))
+    expected = 0.01 * np.sign(counts.mean(-1, keepdims=True) - counts)
+    np.testing.assert_allclose(after, expected, atol=1e-7)
+    assert np.abs(after).max() > 0

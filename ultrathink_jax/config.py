@@ -48,10 +48,16 @@ class ModelConfig:
     moe_dispatch: str = "dropless"
     capacity_factor: float = 1.25
     router_aux_loss_weight: float = 0.01
-    # False: transformers' aux loss, which pools all layers' statistics (exported models report the same value);
-    # True: the mean of per-layer losses, which also stops one layer's imbalance hiding behind another's.
-    router_aux_loss_per_layer: bool = False
+    # True (default): the mean of the per-layer Switch losses, so every layer must balance (pooled, one layer's
+    # collapse hides behind another's: measured per-layer factors 0.30-0.34 under a pooled 0.86, BENCHMARKS.md);
+    # False: transformers' aux loss, which pools all layers' statistics (exactly the exported models' aux value).
+    router_aux_loss_per_layer: bool = True
     router_z_loss_weight: float = 0.001
+    # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the router probabilities for the
+    # top-k SELECTION only (combine weights stay the unbiased probabilities), moved by this much per step toward
+    # balance: b_e += rate * sign(mean load - load_e). 0 = off. transformers' Mixtral / llama.cpp cannot express
+    # the bias, so export refuses such a model (see hf/export.py).
+    router_bias_update_rate: float = 0.0
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -89,6 +95,8 @@ class ModelConfig:
             _require("capacity_factor", self.capacity_factor, self.capacity_factor > 0, "must be positive")
             _require("router_aux_loss_weight", self.router_aux_loss_weight, self.router_aux_loss_weight >= 0,
                      "must be >= 0")
+            _require("router_bias_update_rate", self.router_bias_update_rate, self.router_bias_update_rate >= 0,
+                     "must be >= 0 (0 = off)")
             _require("router_z_loss_weight", self.router_z_loss_weight, self.router_z_loss_weight >= 0,
                      "must be >= 0")
             _require("n_experts", self.n_experts, any(self.is_moe_layer(i) for i in range(self.n_layers)),

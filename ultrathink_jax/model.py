@@ -81,17 +81,21 @@ class Unit(nn.Module):
     config: ModelConfig
     kinds: tuple[bool, ...]
     deterministic: bool
+    collect_hidden: bool = False  # also return each block's output (early-exit heads read them)
 
     @nn.compact
-    def __call__(self, x, context, caches):
+    def __call__(self, x, context, caches, keep):
+        """keep: None, or bool [n_blocks, B]: False skips that block for that row (layer dropout)."""
         cos, sin, mask, valid, cache_index = context
-        new_caches, aux = [], {}
+        new_caches, aux, hidden = [], {}, []
         for b, moe in enumerate(self.kinds):
-            x, cache, block_aux = Block(self.config, moe, self.deterministic, name=f"block_{b}")(
+            y, cache, block_aux = Block(self.config, moe, self.deterministic, name=f"block_{b}")(
                 x, cos, sin, mask, valid, None if caches is None else caches[b], cache_index)
+            x = y if keep is None else jnp.where(keep[b][:, None, None], y, x)
             new_caches.append(cache)
+            hidden.append(x)
             aux = aux or block_aux  # at most one MoE block per unit
-        return x, (None if caches is None else new_caches, aux)
+        return x, (None if caches is None else new_caches, aux, jnp.stack(hidden) if self.collect_hidden else None)
 
 
 def _remat(module, policy: str):
@@ -105,59 +109,78 @@ class Transformer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, segment_ids, cache=None, deterministic: bool = True):
+    def __call__(self, tokens, positions, segment_ids, cache=None, deterministic: bool = True,
+                 layer_keep=None, exits=None):
         """tokens/positions/segment_ids: int32 [B, T] (segment 0 = padding).
 
         Returns (logits float32 [B, T, V], aux, new_cache). aux["moe"] holds the MoE layers' router statistics
         stacked in layer order (empty for a dense model); new_cache is None unless a cache was given.
+        LayerSkip (`train/layerskip.py`): `layer_keep` {stage name: bool [n_units, n_blocks, B]} skips blocks
+        per row; `exits` int32 [E] (layer indices) adds aux["exit_logits"] [E, B, T, V], the final norm and head
+        applied to those layers' outputs. Both None (the default) leave the computation unchanged.
         """
         cfg = self.config
         embed = TokenEmbedding(cfg, name="embed")
         x = nn.with_logical_constraint(embed(tokens), RESIDUAL_AXES)
-        cos, sin = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
+        context, kv_segment_ids = attention_context(cfg, positions, segment_ids, cache)
 
-        T = tokens.shape[1]
-        if cache is None:
-            index = jnp.arange(T)
-            mask = attention_mask(index, index, segment_ids, segment_ids, cfg.sliding_window)
-            cache_index, kv_segment_ids = None, None
-        else:
-            cache_index = cache["index"]
-            kv_segment_ids = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, cache_index, 1)
-            mask = attention_mask(cache_index + jnp.arange(T), jnp.arange(kv_segment_ids.shape[1]),
-                                  segment_ids, kv_segment_ids, cfg.sliding_window)
-        if resolve_implementation(cfg) == "xla":
-            mask = mask_bias(mask)  # once per forward, not once per layer inside the scan
-        context = (cos, sin, mask, segment_ids > 0, cache_index)
-
-        stage_caches, moe_aux = {}, []
+        stage_caches, moe_aux, hidden = {}, [], []
         for stage in layer_plan(cfg):
             scanned = nn.scan(
                 _remat(Unit, cfg.remat_policy),
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "jitter": True},
-                in_axes=(nn.broadcast, 0),
+                in_axes=(nn.broadcast, 0, 0),
                 length=stage.n_units,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, stage.unit, deterministic, name=stage.name)
-            x, (stage_cache, aux) = scanned(x, context, None if cache is None else cache["stages"][stage.name])
+            )(cfg, stage.unit, deterministic, exits is not None, name=stage.name)
+            x, (stage_cache, aux, stage_hidden) = scanned(
+                x, context, None if cache is None else cache["stages"][stage.name],
+                None if layer_keep is None else layer_keep[stage.name])
             stage_caches[stage.name] = stage_cache
             if aux:
                 moe_aux.append(aux)
+            if exits is not None:  # [n_units, n_blocks, B, T, D] -> one entry per layer, in layer order
+                hidden.append(stage_hidden.reshape(-1, *stage_hidden.shape[2:]))
 
-        x = RMSNorm(cfg.norm_eps, cfg.dtype, name="final_norm")(x)
-        if cfg.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
-                              kernel_init=nn.with_logical_partitioning(weight_init(cfg), ("embed", "vocab")))(x)
-        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+        final_norm = RMSNorm(cfg.norm_eps, cfg.dtype, name="final_norm")
+        lm_head = None if cfg.tie_embeddings else nn.Dense(
+            cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
+            kernel_init=nn.with_logical_partitioning(weight_init(cfg), ("embed", "vocab")))
 
+        def head(h):
+            h = final_norm(h)
+            out = embed.attend(h) if lm_head is None else lm_head(h)
+            return nn.with_logical_constraint(out.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+
+        logits = head(x)
         aux = {"moe": jax.tree.map(lambda *a: jnp.concatenate(a), *moe_aux)} if moe_aux else {}
+        if exits is not None:
+            picked = jnp.concatenate(hidden)[exits]
+            aux["exit_logits"] = jnp.stack([head(picked[e]) for e in range(picked.shape[0])])
         new_cache = None
         if cache is not None:
-            new_cache = {"index": cache_index + T, "segment_ids": kv_segment_ids, "stages": stage_caches}
+            new_cache = {"index": cache["index"] + tokens.shape[1], "segment_ids": kv_segment_ids,
+                         "stages": stage_caches}
         return logits, aux, new_cache
+
+
+def attention_context(cfg: ModelConfig, positions, segment_ids, cache):
+    """((cos, sin, mask, valid, cache_index), kv_segment_ids) for a forward pass with or without a KV cache."""
+    cos, sin = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
+    T = positions.shape[1]
+    if cache is None:
+        index = jnp.arange(T)
+        mask = attention_mask(index, index, segment_ids, segment_ids, cfg.sliding_window)
+        cache_index, kv_segment_ids = None, None
+    else:
+        cache_index = cache["index"]
+        kv_segment_ids = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, cache_index, 1)
+        mask = attention_mask(cache_index + jnp.arange(T), jnp.arange(kv_segment_ids.shape[1]),
+                              segment_ids, kv_segment_ids, cfg.sliding_window)
+    if resolve_implementation(cfg) == "xla":
+        mask = mask_bias(mask)  # once per forward, not once per layer inside the scan
+    return (cos, sin, mask, segment_ids > 0, cache_index), kv_segment_ids
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:

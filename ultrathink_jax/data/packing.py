@@ -10,7 +10,9 @@ Per row (T = seq_len), all int32 except `weights` (float32), shape [T]:
   segment_ids: 1, 2, ... for each document piece in the row, 0 for padding
   positions:   restart at 0 at the start of each segment in the row (a continued document restarts too)
   weights:     1 where target t is the next token of the same document (segment of token t == segment of
-               token t+1 > 0), else 0 -- no loss across a document boundary or on padding.
+               token t+1 > 0), else 0 -- no loss across a document boundary or on padding. A stream with a
+               `target_mask` (chat data: 1 on assistant tokens) also zeroes the weight of every target whose
+               mask is 0, so only those tokens are learned.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ FIELDS = ("inputs", "targets", "segment_ids", "positions", "weights")
 
 @dataclasses.dataclass(frozen=True)
 class TokenStream:
-    """tokens: every document's ids + EOS, concatenated; doc_starts[i]: index of document i's first token."""
+    """tokens: every document's ids + EOS, concatenated; doc_starts[i]: index of document i's first token;
+    target_mask (optional, uint8 like tokens): 1 where the token may be a loss target."""
     tokens: np.ndarray
     doc_starts: np.ndarray
+    target_mask: np.ndarray | None = None
 
     def __post_init__(self):
         if self.tokens.ndim != 1 or self.doc_starts.ndim != 1:
@@ -37,6 +41,8 @@ class TokenStream:
         if len(self.doc_starts) and (self.doc_starts[0] != 0 or np.any(np.diff(self.doc_starts) <= 0)
                                      or self.doc_starts[-1] >= len(self.tokens)):
             raise DataError("token stream doc_starts must start at 0 and increase strictly within the stream")
+        if self.target_mask is not None and self.target_mask.shape != self.tokens.shape:
+            raise DataError("token stream target_mask must have one entry per token")
 
     @property
     def n_tokens(self) -> int:
@@ -94,6 +100,8 @@ def pack_row(stream: TokenStream, row: int, seq_len: int, pad_id: int) -> dict[s
     positions = np.zeros(seq_len + 1, dtype=np.int32)
     positions[:n] = index - np.maximum.accumulate(np.where(first, index, 0))
     weights = (segments[:-1] == segments[1:]) & (segments[:-1] > 0)
+    if stream.target_mask is not None:
+        weights[:n - 1] &= stream.target_mask[start + 1:end].astype(bool)
     return {
         "inputs": tokens[:-1],
         "targets": tokens[1:],

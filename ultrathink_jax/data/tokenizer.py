@@ -28,9 +28,10 @@ class Tokenizer:
     """Encodes text to token ids and back. Special tokens are never added implicitly: packing adds EOS itself."""
 
     def __init__(self, backend: _Backend, eos_token: str, bos_token: str | None = None,
-                 pad_token: str | None = None, source: str = "<memory>"):
+                 pad_token: str | None = None, source: str = "<memory>", chat_template: str | None = None):
         self.backend = backend
         self.source = source
+        self.chat_template = chat_template  # Jinja text from tokenizer_config.json (see posttrain.chat), kept on save
         self.eos_token = eos_token
         self.bos_token = bos_token or eos_token  # GPT-2 convention: one <|endoftext|> serves all three roles
         self.pad_token = pad_token or eos_token
@@ -78,6 +79,8 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
         }
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
         _atomic_write(out / "tokenizer.json", self.backend.to_str(pretty=True))
         _atomic_write(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         _atomic_write(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
@@ -151,7 +154,7 @@ def _from_tokenizer_json(file: Path, directory: Path) -> Tokenizer:
         backend = _Backend.from_file(str(file))
     except Exception as e:
         raise TokenizerError(f"cannot read tokenizer file {file}: {one_line(e)}") from e
-    special = {}
+    special, chat_template = {}, None
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # config wins: read last
         cfg_file = directory / name
         if cfg_file.is_file():
@@ -163,8 +166,13 @@ def _from_tokenizer_json(file: Path, directory: Path) -> Tokenizer:
                 token = _token_content(values.get(role))
                 if token:
                     special[role] = token
+            if isinstance(values.get("chat_template"), str):
+                chat_template = values["chat_template"]
+    if chat_template is None and (directory / "chat_template.jinja").is_file():  # transformers 5 writes it apart
+        chat_template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
     eos = special.get("eos_token") or _guess_eos(backend, str(file))
-    return Tokenizer(backend, eos, special.get("bos_token"), special.get("pad_token"), source=str(file))
+    return Tokenizer(backend, eos, special.get("bos_token"), special.get("pad_token"), source=str(file),
+                     chat_template=chat_template)
 
 
 def _token_content(value) -> str | None:

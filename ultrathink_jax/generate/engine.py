@@ -71,6 +71,19 @@ def _cache_sharding(mesh: Mesh, cache):
     return jax.tree.map(one, cache)
 
 
+def choose_token(state, logits, step, sampling: SamplingConfig):
+    """Picks each live row's token for `step`; updates done/seen/out. Finished rows stay as they are."""
+    rows = jnp.arange(logits.shape[0])
+    live = ~state["done"]
+    token = next_token(logits, state["seen"], jax.random.fold_in(state["key"], step), sampling)
+    token = jnp.where(live, token, PAD_ID)
+    length = state["length"] + live
+    done = state["done"] | (live & ((token == state["eos"]) | (length >= state["budget"])))
+    return {**state, "token": token, "logits": logits, "length": length, "done": done, "step": step + 1,
+            "seen": state["seen"].at[rows, token].set(state["seen"][rows, token] | live),
+            "out": jax.lax.dynamic_update_slice_in_dim(state["out"], token[:, None], step, axis=1)}
+
+
 @functools.lru_cache(maxsize=None)
 def _programs(config: ModelConfig, sampling: SamplingConfig, mesh: Mesh):
     """Jitted (prefill, step, decode-to-the-end) for one model config and sampling setting."""
@@ -80,19 +93,10 @@ def _programs(config: ModelConfig, sampling: SamplingConfig, mesh: Mesh):
         logits, _, cache = model.apply({"params": params}, tokens, positions, segment_ids, cache)
         return logits[:, -1], cache
 
-    def choose(state, logits, step):
-        """Picks each live row's token for `step`; updates done/seen/out. Finished rows stay as they are."""
-        rows = jnp.arange(logits.shape[0])
-        live = ~state["done"]
-        token = next_token(logits, state["seen"], jax.random.fold_in(state["key"], step), sampling)
-        token = jnp.where(live, token, PAD_ID)
-        length = state["length"] + live
-        done = state["done"] | (live & ((token == state["eos"]) | (length >= state["budget"])))
-        return {**state, "token": token, "logits": logits, "length": length, "done": done, "step": step + 1,
-                "seen": state["seen"].at[rows, token].set(state["seen"][rows, token] | live),
-                "out": jax.lax.dynamic_update_slice_in_dim(state["out"], token[:, None], step, axis=1)}
+    choose = functools.partial(choose_token, sampling=sampling)
 
     def prefill(params, tokens, positions, segment_ids, seen, budget, key, eos, *, cache_len, n_new):
+        """`cache_len` / `n_new` may exceed what plain decoding needs: speculative rounds write past the budget."""
         batch = tokens.shape[0]
         cache = init_cache(config, batch, cache_len)
         cache = jax.lax.with_sharding_constraint(cache, _cache_sharding(mesh, cache))
@@ -148,11 +152,13 @@ class Engine:
         self.params = jax.device_put(params, param_shardings(config, self.mesh))
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                sampling: SamplingConfig = SamplingConfig(), eos_id: int | None = None, seed: int = 0) -> Run:
+                sampling: SamplingConfig = SamplingConfig(), eos_id: int | None = None, seed: int = 0,
+                slack: int = 0) -> Run:
         """Runs the prompts through the model and picks each row's first new token.
 
         A row produces at most `max_new_tokens` tokens and never runs past the model's context
-        (`max_seq_len` positions); it stops after emitting `eos_id`.
+        (`max_seq_len` positions); it stops after emitting `eos_id`. `slack` extra cache and output columns are
+        for decoders that write several tokens per step (generate/speculative.py).
         """
         cfg = self.config
         _check_prompts(prompts, cfg, max_new_tokens)
@@ -178,7 +184,7 @@ class Engine:
         with sharding.activate(self.mesh):
             state = prefill(self.params, *map(put, (tokens, positions, segment_ids, seen, budget)),
                             jax.random.key(seed), jnp.int32(-1 if eos_id is None else eos_id),
-                            cache_len=width + n_new, n_new=n_new)
+                            cache_len=width + n_new + slack, n_new=n_new + slack)
         return Run(state, n, sampling)
 
     def step(self, run: Run) -> Run:

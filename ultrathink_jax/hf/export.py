@@ -77,6 +77,11 @@ def export_params(params, config: ModelConfig, out_dir: str | os.PathLike, dtype
         raise ExportError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if max_shard_bytes <= 0:
         raise ExportError(f"max_shard_bytes={max_shard_bytes} must be positive")
+    if config.router_bias_update_rate:
+        # Refused, not dropped: without its bias the exported router would choose other experts than training did.
+        raise ExportError("this model routes with an aux-loss-free selection bias (router_bias_update_rate > 0), "
+                          "which transformers' Mixtral / Qwen2-MoE cannot express; train with "
+                          "router_bias_update_rate=0 to hand it off")
     out = prepare_out_dir(out_dir, overwrite)
     table = tensor_table(config)
     shapes = _expected_slice_shapes(config)

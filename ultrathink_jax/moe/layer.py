@@ -5,6 +5,7 @@ Parameter names map to Hugging Face tensors by transpose only:
   wi_gate, wi_up [E, D, F]; wo [E, F, D]    <- experts.gate_up_proj [E, 2F, D] halves / down_proj [E, D, F]
   shared_expert/{gate,up,down}_proj/kernel  <- shared_expert.{gate,up,down}_proj.weight (Qwen2-MoE)
   shared_expert_gate/kernel [D, 1]          <- shared_expert_gate.weight [1, D]
+  selection_bias [E]                        (aux-loss-free balancing only; no Hugging Face counterpart)
 """
 
 from __future__ import annotations
@@ -51,7 +52,11 @@ class MoEMLP(nn.Module):
             precision=jax.lax.Precision.HIGHEST,  # no TF32 / bf16 passes: routing must match the export
             kernel_init=nn.with_logical_partitioning(weight_init(cfg), ("embed", None)), name="router",
         )(x.astype(jnp.float32))
-        routing = router.route(logits, k, cfg.norm_topk_prob)
+        bias = None
+        if cfg.router_bias_update_rate > 0:  # aux-loss-free balancing; updated by the train step, not by gradients
+            bias = self.param(router.SELECTION_BIAS, nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                              (n_experts,), jnp.float32)
+        routing = router.route(logits, k, cfg.norm_topk_prob, bias)
 
         def expert_param(name, init, shape, names):
             return self.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32).astype(cfg.dtype)

@@ -20,10 +20,16 @@ class Routing(NamedTuple):
     expert_weight: jax.Array  # [..., k] float32, combine weights
 
 
-def route(logits: jax.Array, k: int, norm_topk_prob: bool = True) -> Routing:
+def route(logits: jax.Array, k: int, norm_topk_prob: bool = True, selection_bias: jax.Array | None = None) -> Routing:
+    """`selection_bias` [E] (aux-loss-free balancing): added to the probabilities to CHOOSE the k experts only; the
+    combine weights are the chosen experts' unbiased probabilities, and no gradient reaches the bias."""
     logits = logits.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
-    weight, index = jax.lax.top_k(probs, k)
+    if selection_bias is None:
+        weight, index = jax.lax.top_k(probs, k)
+    else:
+        _, index = jax.lax.top_k(probs + jax.lax.stop_gradient(selection_bias.astype(jnp.float32)), k)
+        weight = jnp.take_along_axis(probs, index, axis=-1)
     if norm_topk_prob:
         weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
     return Routing(logits, probs, index.astype(jnp.int32), weight)
@@ -84,3 +90,32 @@ def moe_loss(aux_moe: dict, config) -> jax.Array:
     balance = (jnp.mean(aux_moe["aux_loss"]) if config.router_aux_loss_per_layer
                else pooled_load_balance_loss(aux_moe))
     return config.router_aux_loss_weight * balance + config.router_z_loss_weight * pooled_z_loss(aux_moe)
+
+
+SELECTION_BIAS = "selection_bias"  # the MoEMLP parameter name (its gradient is always zero)
+
+
+def selection_bias_path(config) -> tuple[str, ...]:
+    """Where the stacked [n_moe_layers, E] selection bias lives in the params (every MoE layer is the last block
+    of a `moe_units` unit, see model.layer_plan), in the same layer order as aux["moe"]."""
+    return ("moe_units", f"block_{config.moe_every - 1}", "moe", SELECTION_BIAS)
+
+
+def update_selection_bias(old_params, new_params, expert_counts: jax.Array, config):
+    """DeepSeek-V3's bias update after an optimizer step: b_e <- b_e + rate * sign(mean_e load - load_e) per layer,
+    from the step's top-k counts [n_moe_layers, E]. Starts from the OLD bias, so the optimizer (zero gradient,
+    weight decay) never moves it. Returns `new_params` with the bias replaced; unchanged when the rate is 0."""
+    rate = config.router_bias_update_rate
+    if not rate:
+        return new_params
+    path = selection_bias_path(config)
+    old = old_params
+    for key in path:
+        old = old[key]
+    error = jnp.mean(expert_counts, axis=-1, keepdims=True) - expert_counts
+    bias = old + rate * jnp.sign(error).astype(old.dtype)
+
+    def replace(tree, keys):
+        return {**tree, keys[0]: bias if len(keys) == 1 else replace(tree[keys[0]], keys[1:])}
+
+    return replace(new_params, path)

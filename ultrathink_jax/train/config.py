@@ -21,6 +21,12 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
         "sample_tokens": 64,  # tokens generated at the end of training (0 = no sample)
         "sample_prompt": "def ",
         "sample_temperature": 0.8,  # 0 = greedy
+        # LayerSkip (train/layerskip.py); off unless exits or layer dropout are set
+        "early_exit_layers": "",  # comma-separated layer indices (0-based, before the last layer), e.g. "1,3"
+        "early_exit_scale": 1.0,  # exit l's cross-entropy weighs scale * (l + 1) / n_layers
+        "early_exit_schedule": "rotate",  # all | rotate (one exit per step) | curriculum (deepest exit first)
+        "early_exit_curriculum_steps": 0,  # curriculum: step at which every exit is active
+        "layer_dropout_max": 0.0,  # skip rate of the last layer; grows linearly from 0 at the first layer
     })
     optim = ml_collections.ConfigDict({
         "learning_rate": 3e-4,  # peak
@@ -86,6 +92,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name, value, ok, why in checks:
         if not ok:
             raise ConfigError(f"config: {name}={value!r} {why}")
+    from ultrathink_jax.train.layerskip import from_train_config
+
+    from_train_config(t, config.model.n_layers)  # the LayerSkip fields' own checks
     if config.data.global_batch_size % t.grad_accum:
         raise ConfigError(f"config: data.global_batch_size={config.data.global_batch_size} must be divisible by "
                           f"train.grad_accum={t.grad_accum}")

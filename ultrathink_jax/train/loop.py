@@ -23,6 +23,7 @@ from ultrathink_jax import sharding
 from ultrathink_jax.config import ConfigError, ModelConfig
 from ultrathink_jax.data import build_eval_iterator, build_tokenizer, build_train_iterator
 from ultrathink_jax.moe import moe_metrics, moe_report
+from ultrathink_jax.train import layerskip
 from ultrathink_jax.train import run as run_lib
 from ultrathink_jax.train import steps as steps_lib
 from ultrathink_jax.train.config import validate
@@ -97,7 +98,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
     total = config.train.steps
     end = min(total, until_step) if until_step is not None else total
     fns = step_functions(model, tuple(sorted(config.optim.items())), total, config.train.grad_accum,
-                         config.train.z_loss_weight, mesh)
+                         config.train.z_loss_weight, mesh, layerskip.from_train_config(config.train, model.n_layers))
     store = run_lib.checkpoints(workdir, config)
     progress = metrics_lib.Progress(total, enabled=is_main and config.log.progress, stream=out)
     writer = None
@@ -169,13 +170,13 @@ class StepFunctions(NamedTuple):
 
 @functools.lru_cache(maxsize=8)
 def step_functions(model: ModelConfig, optim_items: tuple, total_steps: int, grad_accum: int,
-                   z_loss_weight: float, mesh) -> StepFunctions:
+                   z_loss_weight: float, mesh, layerskip_cfg=None) -> StepFunctions:
     """Built once per distinct setting, so a process that trains again (a resume, a test) reuses the
     compiled steps instead of tracing and compiling them anew."""
     tx, schedule = make_optimizer(ml_collections.ConfigDict(dict(optim_items)), total_steps)
     shardings = state_shardings(model, tx, mesh)
     train_step = steps_lib.jit_train_step(
-        steps_lib.make_train_step(model, tx, schedule, grad_accum, z_loss_weight), shardings, mesh)
+        steps_lib.make_train_step(model, tx, schedule, grad_accum, z_loss_weight, layerskip_cfg), shardings, mesh)
     return StepFunctions(tx, shardings, train_step, steps_lib.make_eval_step(model, shardings.params, mesh))
 
 
@@ -235,6 +236,10 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
             for k in ("z_loss", "moe_loss"):
                 if k in m:
                     scalars[f"train/{k}"] = float(m[k])
+            if "exit_loss" in m:
+                exits = layerskip.exit_scalars(m)
+                scalars.update(exits)
+                progress.message(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in exits.items()))
             if moe:
                 scalars.update({k: float(v) for k, v in moe_metrics(moe_window, model).items()})
                 moe_window = None

@@ -20,17 +20,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ultrathink_jax import losses, sharding
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.model import Transformer
-from ultrathink_jax.moe import moe_loss
+from ultrathink_jax.moe import moe_loss, update_selection_bias
+from ultrathink_jax.train import layerskip as layerskip_lib
 from ultrathink_jax.train.state import TrainState
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 
 
-def micro_batch_loss(config: ModelConfig, z_loss_weight: float, params, batch, rng):
-    """(objective sum, parts): the objective is a *sum* over target tokens so micro-batches add up exactly."""
+def micro_batch_loss(config: ModelConfig, z_loss_weight: float, params, batch, rng, layerskip=None, step=None):
+    """(objective sum, parts): the objective is a *sum* over target tokens so micro-batches add up exactly.
+    `layerskip` (a `train.layerskip.LayerSkipConfig`, None = off) adds exit losses and layer dropout."""
+    extra = {} if layerskip is None else layerskip_lib.model_inputs(layerskip, config, rng, step,
+                                                                   batch["inputs"].shape[0])
     logits, aux, _ = Transformer(config).apply(
         {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-        deterministic=False, rngs={"jitter": rng})
+        deterministic=False, rngs={"jitter": rng}, **extra)
     ce_sum, weight_sum = losses.cross_entropy(logits, batch["targets"], batch["weights"])
     objective = ce_sum
     parts = {"ce_sum": ce_sum, "weight_sum": weight_sum}
@@ -43,6 +47,8 @@ def micro_batch_loss(config: ModelConfig, z_loss_weight: float, params, batch, r
         objective = objective + moe_weighted
         parts["moe_loss_sum"] = moe_weighted
         parts["moe"] = aux["moe"]
+    if layerskip is not None:
+        objective, parts = layerskip_lib.add_exit_losses(layerskip, config, aux, batch, step, objective, parts)
     return objective, parts
 
 
@@ -57,9 +63,10 @@ def split_micro_batches(batch: dict, n: int) -> dict:
 
 
 def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum: int, z_loss_weight: float) -> Callable:
+                    grad_accum: int, z_loss_weight: float, layerskip=None) -> Callable:
     """The un-jitted step function; see `jit_train_step` for the sharded, donating version."""
-    grad_fn = jax.grad(lambda p, b, r: micro_batch_loss(config, z_loss_weight, p, b, r), has_aux=True)
+    grad_fn = jax.grad(lambda p, b, r, s: micro_batch_loss(config, z_loss_weight, p, b, r, layerskip, s),
+                       has_aux=True)
 
     def train_step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -67,19 +74,22 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, sched
 
         def accumulate(carry, xs):
             m, micro_batch = xs
-            grads, parts = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, m))
+            grads, parts = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, m), state.step)
             return jax.tree.map(jnp.add, carry, (grads, parts)), None
 
         if grad_accum == 1:  # no loop: a length-1 scan still compiles to a while loop XLA cannot fuse across
-            grad_sum, sums = grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), jax.random.fold_in(rng, 0))
+            grad_sum, sums = grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), jax.random.fold_in(rng, 0),
+                                     state.step)
         else:
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-                grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng))
+                grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng, state.step))
             (grad_sum, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grad_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if "moe" in sums:  # aux-loss-free balancing (a no-op unless router_bias_update_rate > 0)
+            params = update_selection_bias(state.params, params, sums["moe"]["expert_counts"], config)
         metrics = {
             "loss": sums["ce_sum"] / denom,  # token-weighted mean cross-entropy (the number perplexity uses)
             "grad_norm": optax.tree.norm(grads),  # before clipping
@@ -92,6 +102,10 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, sched
         if "moe_loss_sum" in sums:
             metrics["moe_loss"] = sums["moe_loss_sum"] / denom
             metrics["moe"] = sums["moe"]  # router statistics summed over micro-batches
+        if "exit_ce_sum" in sums:  # per exit layer; exit_tokens 0 = not active this step
+            metrics["exit_loss"] = sums["exit_ce_sum"] / jnp.maximum(sums["exit_weight_sum"], 1.0)
+            metrics["exit_tokens"] = sums["exit_weight_sum"]
+            metrics["exit_layers"] = jnp.asarray(layerskip.exit_layers, jnp.int32)
         return TrainState(params=params, opt_state=opt_state, step=state.step + 1, rng=state.rng), metrics
 
     return train_step

@@ -1,0 +1,69 @@
+"""Constitutional AI data from a model's own critiques and revisions:
+`python -m launch.constitutional (--workdir=RUN | --hf_dir=DIR) --principles=FILE --prompts=FILE --out=DIR
+[--templates=examples/constitutional/templates.json] [--mode=revision|feedback] [--max_new_tokens=64]`.
+
+Writes DIR/sft.jsonl (prompt + revision, for launch.sft), DIR/pairs.jsonl (for launch.dpo) and DIR/trace.jsonl.
+--mode=revision prefers each revision over the first answer; --mode=feedback samples two answers and lets the
+model pick the one that better follows a principle (the likelier of "(A)" / "(B)").
+"""
+
+import argparse
+import sys
+
+from launch import common
+
+PROG = "launch.constitutional"
+DEFAULT_TEMPLATES = "examples/constitutional/templates.json"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a run directory (launch.train / import_hf / sft / dpo)")
+    source.add_argument("--hf_dir", help="a Hugging Face model directory")
+    parser.add_argument("--principles", required=True, help="jsonl of principles")
+    parser.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with 'prompt'")
+    parser.add_argument("--templates", default=DEFAULT_TEMPLATES, help="critique/revision/comparison templates")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--mode", default="revision", help="revision or feedback (how pairs are labelled)")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        from pathlib import Path
+
+        from ultrathink_jax.data import load_tokenizer
+        from ultrathink_jax.posttrain import chat, constitutional
+        from ultrathink_jax.posttrain.loop import load_model, resize_vocab
+        from ultrathink_jax.train.config import VOCAB_MULTIPLE
+
+        settings = constitutional.Settings(args.mode, args.max_new_tokens, args.temperature, args.seed)
+        templates_file = Path(args.templates)
+        if not templates_file.is_file() and not templates_file.is_absolute():
+            templates_file = Path(__file__).resolve().parents[1] / args.templates  # the shipped example
+        principles = constitutional.read_principles(args.principles)
+        prompts = constitutional.read_prompts(args.prompts)
+        templates = constitutional.read_templates(templates_file)
+        if args.workdir:
+            model, params, tokenizer, _ = load_model(args.workdir)
+        else:
+            from ultrathink_jax.hf.load import load_hf
+
+            model, params = load_hf(args.hf_dir)
+            tokenizer = load_tokenizer(args.hf_dir)
+        chat.ensure_chat_template(tokenizer)
+        if tokenizer.vocab_size > model.vocab_size:
+            params, model = resize_vocab(params, model, -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
+        counts = constitutional.run(constitutional.Model(params, model, tokenizer, settings), principles, prompts,
+                                    templates, args.out)
+        print(f"{PROG}: wrote {args.out}/sft.jsonl ({counts['sft']}), pairs.jsonl ({counts['pairs']}), trace.jsonl"
+              + (f"; {counts['truncated_prompts']} prompts cut to the model's context" if counts["truncated_prompts"] else ""))
+        return 0
+
+    return common.run_main(PROG, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

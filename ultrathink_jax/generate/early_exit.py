@@ -1,0 +1,230 @@
+"""FAST path: per-token early exit at decode time (CALM, Schuster et al. 2022).
+
+After each candidate layer l (every layer before the last from `min_layer` on) the hidden state goes through the
+final norm and head; a row whose confidence passes `threshold` stops there and its token comes from those
+logits. Confidence is the softmax's top probability (`max_prob`) or the gap between the top two (`margin`). The
+later layers' KV entries of an exited token are filled from its exit state (CALM's state copying: each later
+layer's k/v projections of the copied hidden state), so later tokens attend to a complete cache. Once every row of
+the batch has exited the remaining layers are skipped with `lax.cond` (the FLOPs really are saved); a row that
+exits while others continue keeps its exit state (later blocks run on it only to fill their cache).
+
+`threshold` is calibrated on held-out text by `calibrate`: teacher-forced decoding through the same step, so the
+perplexity it measures includes the effect of copied KV states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ultrathink_jax import metrics, sharding
+from ultrathink_jax.config import ModelConfig
+from ultrathink_jax.generate import layerwise
+from ultrathink_jax.generate.engine import Engine, choose_token
+from ultrathink_jax.generate.sampling import GenerationError, SamplingConfig
+from ultrathink_jax.model import Transformer, init_cache
+
+MEASURES = ("max_prob", "margin")
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyExitConfig:
+    threshold: float  # exit when confidence >= threshold; in (0, 1]
+    measure: str = "max_prob"
+    min_layer: int = 0  # first layer (0-based) after which a token may exit
+
+    def check(self, config: ModelConfig) -> None:
+        if not 0 < self.threshold <= 1:
+            raise GenerationError(f"early_exit_threshold={self.threshold} must be in (0, 1]")
+        if self.measure not in MEASURES:
+            raise GenerationError(f"early_exit_measure={self.measure!r} must be one of {MEASURES}")
+        if not 0 <= self.min_layer < config.n_layers - 1:
+            raise GenerationError(f"early_exit_min_layer={self.min_layer} must be in [0, n_layers - 1 = "
+                                  f"{config.n_layers - 1})")
+
+
+def confidence(logits, measure: str):
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    if measure == "max_prob":
+        return probs.max(-1)
+    top2 = jax.lax.top_k(probs, 2)[0]
+    return top2[..., 0] - top2[..., 1]
+
+
+def forward(params, layers, config: ModelConfig, ee: EarlyExitConfig, tokens, positions, segment_ids, cache,
+            exited):
+    """One decode position for every row: (logits [B, V], depth int32 [B] = layers run in full, cache).
+
+    `exited` bool [B]: rows that take no part (finished rows), counted as depth 0."""
+    slots = layerwise.layer_slots(config)
+    L = len(slots)
+    ctx, cache = layerwise.context(config, positions, segment_ids, cache)
+    x = layerwise.embed(params, config, tokens)
+    depth = jnp.zeros(tokens.shape[0], jnp.int32)
+    exit_logits = jnp.zeros((tokens.shape[0], config.vocab_size), jnp.float32)
+
+    def fill_rest(i, x, cache):
+        for j in range(i, L):
+            cache = layerwise.fill_kv(config, slots[j], layers[j], x, ctx, cache)
+        return cache
+
+    def from_layer(i, x, cache, exited, exit_logits, depth):
+        y, cache = layerwise.run_layer(config, slots[i], layers[i], x, ctx, cache)
+        depth = depth + ~exited
+        x = jnp.where(exited[:, None, None], x, y)
+        if i == L - 1:
+            return jnp.where(exited[:, None], exit_logits, layerwise.head(params, config, x)[:, -1]), depth, cache
+        if i >= ee.min_layer:
+            logits = layerwise.head(params, config, x)[:, -1]
+            now = ~exited & (confidence(logits, ee.measure) >= ee.threshold)
+            exit_logits = jnp.where(now[:, None], logits, exit_logits)
+            exited = exited | now
+            return jax.lax.cond(jnp.all(exited),
+                                lambda: (exit_logits, depth, fill_rest(i + 1, x, cache)),
+                                lambda: from_layer(i + 1, x, cache, exited, exit_logits, depth))
+        return from_layer(i + 1, x, cache, exited, exit_logits, depth)
+
+    logits, depth, cache = from_layer(0, x, cache, exited, exit_logits, depth)
+    return logits, depth, {**cache, "index": cache["index"] + tokens.shape[1]}
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_program(config: ModelConfig, sampling: SamplingConfig, ee: EarlyExitConfig, mesh):
+    def step(params, layers, state):
+        segment_ids = jnp.where(state["done"], 0, 1)[:, None]
+        live = ~state["done"]
+        logits, depth, cache = forward(params, layers, config, ee, state["token"][:, None],
+                                       state["position"][:, None], segment_ids, state["cache"], state["done"])
+        state = {**state, "cache": cache, "position": state["position"] + 1,
+                 "depth_sum": state["depth_sum"] + jnp.sum(jnp.where(live, depth, 0)),
+                 "depth_tokens": state["depth_tokens"] + jnp.sum(live)}
+        return choose_token(state, logits, state["step"], sampling)
+
+    def decode(params, layers, state):
+        n_new = state["out"].shape[1]
+        state = {**state, "depth_sum": jnp.zeros((), jnp.int32), "depth_tokens": jnp.zeros((), jnp.int32)}
+        return jax.lax.while_loop(lambda s: (s["step"] < n_new) & ~jnp.all(s["done"]),
+                                  lambda s: step(params, layers, s), state)
+
+    return jax.jit(decode, donate_argnums=2)
+
+
+@dataclasses.dataclass
+class EarlyExitStats:
+    mean_depth: float  # layers run in full per decoded token (the prefill and the first token run all layers)
+    n_layers: int
+    layer_flops_saved: float  # fraction of the decoded tokens' layer matmul FLOPs not spent (KV filling counted)
+    head_overhead: float  # the confidence checks' head FLOPs, as a fraction of the full model's layer FLOPs
+
+
+def flops_saved(config: ModelConfig, depths: np.ndarray, ee: EarlyExitConfig) -> tuple[float, float]:
+    """(layer FLOPs saved, head-check overhead) for tokens that ran `depths` layers in full, from the model's
+    one FLOPs count (metrics.matmul_params_per_token): a skipped layer still pays its k/v projections."""
+    d, hd = config.d_model, config.resolved_head_dim
+    head = d * config.vocab_size
+    layer = (metrics.matmul_params_per_token(config) - head) / config.n_layers  # mean per layer
+    kv = 2 * d * config.n_kv_heads * hd
+    depths = np.asarray(depths, np.float64)
+    spent = depths * layer + (config.n_layers - depths) * kv
+    checks = np.clip(np.minimum(depths, config.n_layers - 1) - ee.min_layer, 0, None)  # heads before the last
+    full = config.n_layers * layer
+    return float(1 - spent.mean() / full), float(checks.mean() * head / full)
+
+
+class EarlyExitEngine:
+    """Plain prefill (all layers), then early-exit decoding; `generate` also returns EarlyExitStats."""
+
+    def __init__(self, engine: Engine, ee: EarlyExitConfig):
+        ee.check(engine.config)
+        self.engine, self.ee = engine, ee
+        self.layers = layerwise.unstack_layers(engine.params, engine.config)
+
+    def generate(self, prompts, max_new_tokens, sampling: SamplingConfig = SamplingConfig(), eos_id=None, seed=0):
+        eng = self.engine
+        run = eng.prefill(prompts, max_new_tokens, sampling, eos_id, seed)
+        decode = _decode_program(eng.config, sampling, self.ee, eng.mesh)
+        with sharding.activate(eng.mesh):
+            state = decode(eng.params, self.layers, run.state)
+        run.state = state
+        n = max(int(state["depth_tokens"]), 1)
+        mean = int(state["depth_sum"]) / n
+        saved, overhead = flops_saved(eng.config, np.asarray([mean]), self.ee)
+        return eng.tokens(run), EarlyExitStats(mean, eng.config.n_layers, saved, overhead)
+
+
+@functools.lru_cache(maxsize=None)
+def _forced_program(config: ModelConfig, ee: EarlyExitConfig):
+    """Teacher-forced early exit over tokens [B, T]: per position (nll of the next token, depth, exit argmax)."""
+    def run(params, layers, tokens):
+        B, T = tokens.shape
+        cache = init_cache(config, B, T)
+        ones = jnp.ones((B, 1), jnp.int32)
+
+        def step(cache, t):
+            logits, depth, cache = forward(params, layers, config, ee, jax.lax.dynamic_slice_in_dim(tokens, t, 1, 1),
+                                           ones * t, ones, cache, jnp.zeros((B,), bool))
+            return cache, (logits, depth)
+
+        _, (logits, depth) = jax.lax.scan(step, cache, jnp.arange(T - 1))
+        logits = logits.swapaxes(0, 1)  # [B, T-1, V]
+        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
+        return nll, depth.T, jnp.argmax(logits, -1)
+
+    return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=None)
+def _full_program(config: ModelConfig):
+    def run(params, tokens):
+        B, T = tokens.shape
+        pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+        logits, _, _ = Transformer(config).apply({"params": params}, tokens, pos, jnp.ones_like(tokens))
+        logits = logits[:, :-1]
+        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
+        return nll, jnp.argmax(logits, -1)
+
+    return jax.jit(run)
+
+
+@dataclasses.dataclass
+class HeldOutResult:
+    threshold: float
+    perplexity: float
+    full_perplexity: float
+    mean_depth: float
+    layer_flops_saved: float
+    head_overhead: float
+    greedy_agreement: float  # fraction of positions whose exit argmax equals the full model's
+
+    @property
+    def perplexity_increase(self) -> float:
+        return self.perplexity / self.full_perplexity - 1
+
+
+def evaluate(params, config: ModelConfig, tokens: np.ndarray, ee: EarlyExitConfig, layers=None) -> HeldOutResult:
+    """Held-out rows `tokens` [B, T] (every token from one document): early-exit vs full-model perplexity."""
+    ee.check(config)
+    layers = layerwise.unstack_layers(params, config) if layers is None else layers
+    tokens = jnp.asarray(tokens, jnp.int32)
+    nll, depth, argmax = jax.device_get(_forced_program(config, ee)(params, layers, tokens))
+    full_nll, full_argmax = jax.device_get(_full_program(config)(params, tokens))
+    saved, overhead = flops_saved(config, depth.reshape(-1), ee)
+    return HeldOutResult(ee.threshold, math.exp(float(nll.mean())), math.exp(float(full_nll.mean())),
+                         float(depth.mean()), saved, overhead, float((argmax == full_argmax).mean()))
+
+
+def calibrate(params, config: ModelConfig, tokens: np.ndarray, max_perplexity_increase: float = 0.02,
+              measure: str = "max_prob", min_layer: int = 0,
+              thresholds=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)) -> tuple[float | None, list[HeldOutResult]]:
+    """The lowest threshold (most exits) whose held-out perplexity rises by at most `max_perplexity_increase`,
+    or None if none does; plus every threshold's result."""
+    layers = layerwise.unstack_layers(params, config)
+    results = [evaluate(params, config, tokens, EarlyExitConfig(t, measure, min_layer), layers)
+               for t in sorted(thresholds)]
+    ok = [r.threshold for r in results if r.perplexity_increase <= max_perplexity_increase]
+    return (min(ok) if ok else None), results

@@ -1,0 +1,104 @@
+"""The decoder run one layer at a time over the functional KV cache, for decoders that stop early.
+
+`Transformer` scans its stacked layers in one `nn.scan`; early exit and self-speculative drafting need to stop
+after layer l, so here the same `Block` modules run from per-layer params (`unstack_layers`, sliced once off the
+stacked tree, never a second copy of the weights on disk) and read/write the very cache `Transformer` uses. The
+embedding, attention context and head are the model's own modules and functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ultrathink_jax.config import ModelConfig
+from ultrathink_jax.layers.embedding import TokenEmbedding
+from ultrathink_jax.layers.linear import Linear
+from ultrathink_jax.layers.init import weight_init
+from ultrathink_jax.layers.norm import RMSNorm
+from ultrathink_jax.layers.rotary import apply_rope
+from ultrathink_jax.model import Block, attention_context, layer_plan
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSlot:
+    stage: str
+    unit: int
+    block: int
+    moe: bool
+
+
+def layer_slots(config: ModelConfig) -> list[LayerSlot]:
+    """Where layer i's params and cache live: `params[stage][f"block_{block}"][..][unit]`, in layer order."""
+    return [LayerSlot(s.name, u, b, moe) for s in layer_plan(config) for u in range(s.n_units)
+            for b, moe in enumerate(s.unit)]
+
+
+def unstack_layers(params, config: ModelConfig, n_layers: int | None = None) -> list:
+    """Per-layer param trees of the first `n_layers` layers (default: all)."""
+    slots = layer_slots(config)[:n_layers]
+    return [jax.tree.map(lambda a, u=s.unit: a[u], params[s.stage][f"block_{s.block}"]) for s in slots]
+
+
+def embed(params, config: ModelConfig, tokens):
+    return TokenEmbedding(config).apply({"params": params["embed"]}, tokens)
+
+
+def head(params, config: ModelConfig, x):
+    """Final norm + LM head (tied or not) -> float32 logits, exactly as the model's own output."""
+    x = RMSNorm(config.norm_eps, config.dtype).apply({"params": params["final_norm"]}, x)
+    if config.tie_embeddings:
+        out = TokenEmbedding(config).apply({"params": params["embed"]}, x, method="attend")
+    else:
+        out = nn.Dense(config.vocab_size, use_bias=False, dtype=config.dtype).apply(
+            {"params": params["lm_head"]}, x)
+    return out.astype(jnp.float32)
+
+
+def context(config: ModelConfig, positions, segment_ids, cache):
+    """(block context, cache with the new tokens' segment ids written)."""
+    ctx, kv_segment_ids = attention_context(config, positions, segment_ids, cache)
+    return ctx, {**cache, "segment_ids": kv_segment_ids}
+
+
+def _layer_cache(cache, slot: LayerSlot):
+    entry = cache["stages"][slot.stage][slot.block]
+    return {"k": entry["k"][slot.unit], "v": entry["v"][slot.unit]}
+
+
+def _set_layer_cache(cache, slot: LayerSlot, new):
+    stages = dict(cache["stages"])
+    blocks = list(stages[slot.stage])
+    blocks[slot.block] = {n: blocks[slot.block][n].at[slot.unit].set(new[n]) for n in ("k", "v")}
+    stages[slot.stage] = blocks
+    return {**cache, "stages": stages}
+
+
+def run_layer(config: ModelConfig, slot: LayerSlot, layer_params, x, ctx, cache):
+    """One block over x [B, T, D] at the cache's index; returns (x, cache with this layer's k/v written)."""
+    cos, sin, mask, valid, cache_index = ctx
+    y, new, _ = Block(config, slot.moe, True).apply({"params": layer_params}, x, cos, sin, mask, valid,
+                                                     _layer_cache(cache, slot), cache_index)
+    return y, _set_layer_cache(cache, slot, new)
+
+
+def fill_kv(config: ModelConfig, slot: LayerSlot, layer_params, x, ctx, cache):
+    """Writes the k/v this layer would store for input x without running it (CALM's copied exit state): the
+    input norm, k/v projections and RoPE of `Attention`, nothing else."""
+    cos, sin, _, _, cache_index = ctx
+    hd = config.resolved_head_dim
+    h = RMSNorm(config.norm_eps, config.dtype).apply({"params": layer_params["input_norm"]}, x)
+    attn = layer_params["attn"]
+
+    def proj(name):
+        return Linear((x.shape[-1], config.n_kv_heads, hd), 1, ("embed", "kv_heads", "head_dim"), weight_init(config),
+                      config.dtype).apply({"params": attn[name]}, h)
+
+    old = _layer_cache(cache, slot)
+    k, v = apply_rope(proj("k_proj"), cos, sin), proj("v_proj")
+    new = {n: jax.lax.dynamic_update_slice_in_dim(old[n], t.astype(old[n].dtype), cache_index, axis=1)
+           for n, t in (("k", k), ("v", v))}
+    return _set_layer_cache(cache, slot, new)
