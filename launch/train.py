@@ -14,7 +14,9 @@ from launch import common
 PROG = "launch.train"
 
 
-def main(argv=None) -> int:
+def main(argv=None, compile_cache: bool = False) -> int:
+    """`compile_cache`: XLA's persistent cache in the workdir (on for the command line; it is process-wide, so
+    in-process callers such as tests leave it off)."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/default", help="run directory (created; resumed if it exists)")
@@ -25,6 +27,10 @@ def main(argv=None) -> int:
         common.start_distributed(args, PROG)
         from ultrathink_jax.train import train
 
+        if compile_cache:
+            from ultrathink_jax.train.timing import enable_compilation_cache
+
+            enable_compilation_cache(f"{args.workdir}/xla_cache")  # a rerun of this workdir starts without compiling
         train(config, args.workdir)
         return 0
 
@@ -32,4 +38,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(compile_cache=True))

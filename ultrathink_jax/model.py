@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ultrathink_jax.config import ModelConfig
-from ultrathink_jax.layers.attention import Attention, attention_mask
+from ultrathink_jax.layers.attention import Attention, attention_mask, mask_bias, resolve_implementation
 from ultrathink_jax.layers.embedding import TokenEmbedding
 from ultrathink_jax.layers.init import weight_init
 from ultrathink_jax.layers.mlp import MLP
@@ -178,6 +178,8 @@ def attention_context(cfg: ModelConfig, positions, segment_ids, cache):
         kv_segment_ids = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, cache_index, 1)
         mask = attention_mask(cache_index + jnp.arange(T), jnp.arange(kv_segment_ids.shape[1]),
                               segment_ids, kv_segment_ids, cfg.sliding_window)
+    if resolve_implementation(cfg) == "xla":
+        mask = mask_bias(mask)  # once per forward, not once per layer inside the scan
     return (cos, sin, mask, segment_ids > 0, cache_index), kv_segment_ids
 
 

@@ -9,6 +9,8 @@ from ultrathink_jax.layers.init import residual_out_init, weight_init
 from ultrathink_jax.layers.linear import Linear
 from ultrathink_jax.layers.rotary import apply_rope
 
+NEG_INF = -1e30  # finite: a fully masked row (never produced for real tokens) stays NaN-free
+
 
 def attention_mask(q_index, kv_index, q_segment_ids, kv_segment_ids, sliding_window: int):
     """Boolean [B, 1, T, S]: query i sees key j iff same segment, j <= i and (window) i - window < j.
@@ -21,6 +23,25 @@ def attention_mask(q_index, kv_index, q_segment_ids, kv_segment_ids, sliding_win
         visible &= kv_index[None, :] > q_index[:, None] - sliding_window
     same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     return (visible[None] & same_segment)[:, None]
+
+
+def mask_bias(mask):
+    """Boolean mask -> additive float32 bias (0 visible, -1e30 hidden), built once per forward, outside the layer
+    scan, so each layer adds it instead of selecting through the mask."""
+    return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
+
+
+def grouped_attention(q, k, v, mask, scale):
+    """Softmax attention for the XLA path: q [B, T, H, hd], k/v [B, S, K, hd], mask [B, 1, T, S] boolean or an
+    additive float bias. Query heads are grouped per KV head (GQA) by a reshape, so K/V are never repeated; scores and
+    softmax are float32."""
+    B, T, H, hd = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, H // K, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    bias = mask if jnp.issubdtype(mask.dtype, jnp.floating) else mask_bias(mask)
+    probs = jax.nn.softmax(scores + bias[:, :, None], axis=-1)
+    return jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v).reshape(B, T, H, hd)
 
 
 def resolve_implementation(config: ModelConfig) -> str:
@@ -58,10 +79,13 @@ class Attention(nn.Module):
         # cuDNN skips the masked-out causal blocks when told the mask is causal; the explicit mask keeps segments
         # and the window exact. Only valid when queries and keys are the same positions (no cache).
         fast_causal = impl == "cudnn" and cache is None
-        out = jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=hd ** -0.5, implementation=impl,
-            is_causal=fast_causal,
-            local_window_size=(cfg.sliding_window - 1, 0) if fast_causal and cfg.sliding_window else None)
+        if impl == "xla":  # measured faster than jax.nn.dot_product_attention's XLA path on CPU (BENCHMARKS.md)
+            out = grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, hd ** -0.5)
+        else:
+            out = jax.nn.dot_product_attention(
+                q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=hd ** -0.5, implementation=impl,
+                is_causal=fast_causal,
+                local_window_size=(cfg.sliding_window - 1, 0) if fast_causal and cfg.sliding_window else None)
         out = Linear((cfg.n_heads, hd, x.shape[-1]), 2, ("heads", "head_dim", "embed"), residual_out_init(cfg),
                      cfg.dtype, name="o_proj")(out)
         return out, cache

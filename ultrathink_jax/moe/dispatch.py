@@ -5,7 +5,8 @@ stacked SwiGLU expert weights (wi_gate/wi_up [E, D, F], wo [E, F, D]) and return
 where `dropped` counts valid token-expert assignments that were not computed.
 
 - `dropless`: every assignment is computed. Assignments are sorted by expert and the three projections
-  are grouped matmuls (`jax.lax.ragged_dot`), so no FLOP is wasted on padding slots. Under a mesh it runs
+  are grouped matmuls: `jax.lax.ragged_dot` on GPU/TPU (no FLOP wasted on padding), and on CPU, where
+  ragged_dot becomes a dense product over all experts, a tiled batched matmul (`_tiled_experts`). Under a mesh it runs
   in `shard_map`: each device sorts and computes its own tokens (the batch axes, `expert` included, act as
   data parallelism) with the expert weights gathered ZeRO-3 style and their intermediate size split over
   `tensor` (partial sums reduced with psum). Sorting the global batch instead would make every device
@@ -67,19 +68,58 @@ def _mesh_axes(mesh, logical: str, size: int) -> tuple[str, ...]:
     return axes if size % math.prod(mesh.shape[n] for n in axes) == 0 else ()
 
 
-def _dropless_local(x, index, weight, wi_gate, wi_up, wo, act: Activation, out_dtype=None):
+GROUP_TILE = 64  # rows per tile of the tiled grouped matmul: each expert's group is padded to a multiple of it
+
+
+def grouped_matmul_impl() -> str:
+    """`ragged_dot` where the backend has a native grouped matmul (GPU, TPU); elsewhere (XLA:CPU lowers ragged_dot
+    to a masked dense product over all experts, E x the FLOPs) the tiled batched matmul."""
+    return "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else "tiled"
+
+
+def _dropless_local(x, index, weight, wi_gate, wi_up, wo, act: Activation, out_dtype=None, impl=None):
     b, t, d = x.shape
     k = index.shape[-1]
     n_experts = wi_gate.shape[0]
     flat_expert = index.reshape(-1)  # assignment a = token * k + choice
     order = jnp.argsort(flat_expert, stable=True)
     group_sizes = jnp.bincount(flat_expert, length=n_experts).astype(jnp.int32)
-    xs = x.reshape(b * t, d)[order // k]  # [b*t*k, d] sorted by expert
-    h = act(jax.lax.ragged_dot(xs, wi_gate, group_sizes)) * jax.lax.ragged_dot(xs, wi_up, group_sizes)
-    out_sorted = jax.lax.ragged_dot(h, wo, group_sizes)
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    out = out_sorted[inverse].reshape(b, t, k, d)  # gather back (cheaper to differentiate than scatter-add)
-    return combine(out, weight, out_dtype or x.dtype)
+    if (impl or grouped_matmul_impl()) == "ragged_dot":
+        xs = x.reshape(b * t, d)[order // k]  # [b*t*k, d] sorted by expert
+        h = act(jax.lax.ragged_dot(xs, wi_gate, group_sizes)) * jax.lax.ragged_dot(xs, wi_up, group_sizes)
+        out_sorted = jax.lax.ragged_dot(h, wo, group_sizes)
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        out = out_sorted[inverse]  # gather back (cheaper to differentiate than scatter-add)
+    else:
+        out = _tiled_experts(x.reshape(b * t, d), order, flat_expert, group_sizes, k, wi_gate, wi_up, wo, act)
+    return combine(out.reshape(b, t, k, d), weight, out_dtype or x.dtype)
+
+
+def _tiled_experts(x, order, flat_expert, group_sizes, k, wi_gate, wi_up, wo, act: Activation):
+    """Grouped SwiGLU as one batched matmul over row tiles. Assignments sorted by expert are laid out so that each
+    expert's group starts on a tile boundary (its last tile zero-padded); each tile then multiplies by its expert's
+    weights, selected per tile. Rows computed <= assignments + E x (GROUP_TILE - 1): no assignment is dropped and
+    at most one partial tile per expert is wasted. x [N, D] tokens -> [N * k, D] per assignment (unsorted)."""
+    n_assign, n_experts, d = flat_expert.shape[0], wi_gate.shape[0], x.shape[-1]
+    tile = min(GROUP_TILE, n_assign)
+    n_tiles = -(-n_assign // tile) + n_experts  # static bound: each group adds at most one partial tile
+    padded = -(-group_sizes // tile) * tile
+    padded_start = jnp.cumsum(padded) - padded
+    rank = jnp.arange(n_assign, dtype=jnp.int32) - (jnp.cumsum(group_sizes) - group_sizes)[flat_expert[order]]
+    row = padded_start[flat_expert[order]] + rank  # padded row of the j-th sorted assignment
+    row_of_assignment = jnp.zeros((n_assign,), jnp.int32).at[order].set(row.astype(jnp.int32))
+    # which token fills each padded row (N = the appended zero row for padding)
+    row_token = jnp.full((n_tiles * tile,), x.shape[0], jnp.int32).at[row].set((order // k).astype(jnp.int32))
+    tiles = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_token].reshape(n_tiles, tile, d)
+    tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_tiles) * tile, side="right"),
+                              n_experts - 1)  # tiles past the last group are all padding
+    # per-tile weights by a one-hot matmul: its gradient is a matmul too, where a gather's is a serial scatter-add
+    select = jax.nn.one_hot(tile_expert, n_experts, dtype=wi_gate.dtype)
+    per_tile = lambda w: jnp.einsum("ne,e...->n...", select, w)
+    h = act(jnp.einsum("ntd,ndf->ntf", tiles, per_tile(wi_gate))) * jnp.einsum("ntd,ndf->ntf", tiles,
+                                                                                  per_tile(wi_up))
+    out_rows = jnp.einsum("ntf,nfd->ntd", h, per_tile(wo)).reshape(n_tiles * tile, d)
+    return out_rows[row_of_assignment]
 
 
 def capacity_slots(n_tokens: int, k: int, n_experts: int, capacity_factor: float) -> int:

@@ -30,6 +30,7 @@ from ultrathink_jax.train.config import validate
 from ultrathink_jax.train.optim import make_optimizer
 from ultrathink_jax.train.preemption import Preempted, StopSignals
 from ultrathink_jax.train.state import TrainState, abstract_state, init_state, state_shardings
+from ultrathink_jax.train.timing import Phases
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +89,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
     workdir = Path(workdir)
     mesh = sharding.make_mesh(dict(config.mesh))
     _check_batch(config, mesh)
-    tokenizer = build_tokenizer(config.data, workdir)
+    phases = Phases()
+    with phases.time("tokenizer"):
+        tokenizer = build_tokenizer(config.data, workdir)
     model = run_lib.resolve_model_config(config, tokenizer.vocab_size)
     run_lib.check_same_shapes(workdir, model)
-    train_iter = build_train_iterator(config.data, tokenizer, workdir)
-    eval_batches = build_eval_iterator(config.data, tokenizer, workdir=workdir)
+    with phases.time("data"):
+        train_iter = build_train_iterator(config.data, tokenizer, workdir)
+        eval_batches = build_eval_iterator(config.data, tokenizer, workdir=workdir)
 
     total = config.train.steps
     end = min(total, until_step) if until_step is not None else total
@@ -111,12 +115,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
             run_lib.write_run_files(workdir, config, model)
             writer = metrics_lib.Writer(workdir / "tensorboard", enabled=is_main and config.log.tensorboard)
             result = _loop(config, model, mesh, fns, state, store, writer, progress, train_iter,
-                           eval_batches, end, stop)
-        store.wait()
+                           eval_batches, end, stop, phases)
+        with phases.time("checkpoint"):
+            store.wait()
         if config.train.sample_tokens:
-            result.sample = sample_text(model, result.params, tokenizer, config.train, mesh)
+            with phases.time("sample"):
+                result.sample = sample_text(model, result.params, tokenizer, config.train, mesh)
             progress.message(f"sample:\n{result.sample}")
             writer.text(result.final_step, "sample", result.sample)
+        progress.message(phases.summary())
         return result
     finally:
         stop.__exit__()
@@ -178,7 +185,8 @@ def step_functions(model: ModelConfig, optim_items: tuple, total_steps: int, gra
 
 
 def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progress, train_iter, eval_batches,
-          end, stop: StopSignals) -> TrainResult:
+          end, stop: StopSignals, phases: Phases | None = None) -> TrainResult:
+    phases = phases or Phases()
     cfg_l = config.log
     step_fn = fns.train_step
     eval_fn = fns.eval_step if eval_batches is not None else None
@@ -208,11 +216,13 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
         if stop.should_stop(sync_point=step % cfg_l.every_steps == 0):
             _fetch(pending, result, progress)
             if last_saved != step:
-                save()
+                with phases.time("checkpoint"):
+                    save()
             store.wait()
             raise Preempted(f"stopped by {stop.name} at step {step}; checkpoint {store.directory / str(step)}")
-        batch = steps_lib.global_batch(next(train_iter), mesh)
-        state, m = step_fn(state, batch)
+        with phases.time("compile" if step == start else "steps"):  # the first step of an invocation compiles
+            batch = steps_lib.global_batch(next(train_iter), mesh)
+            state, m = step_fn(state, batch)
         step += 1
         pending.append((step, m))
         log_now = step % cfg_l.every_steps == 0 or step == end
@@ -220,7 +230,8 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
         save_now = step % config.checkpoint.every_steps == 0
         if not (log_now or eval_now or save_now or window_start is None):
             continue
-        fetched = _fetch(pending, result, progress)
+        with phases.time("compile" if window_start is None else "steps"):  # waits for the steps dispatched
+            fetched = _fetch(pending, result, progress)
         for s, f in fetched:
             bad_run = bad_run + 1 if f["skipped"] else 0
             if moe:  # router statistics are sums: add them up per logging window and over the run
@@ -264,16 +275,20 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
             window_tokens = window_seconds = window_steps = 0
 
         if eval_now and step != end:
-            _run_eval(eval_fn, state.params, eval_batches, mesh, config, step, writer, progress, result)
+            with phases.time("eval"):
+                _run_eval(eval_fn, state.params, eval_batches, mesh, config, step, writer, progress, result)
         if save_now and step != end:
-            save()
+            with phases.time("checkpoint"):
+                save()
             last_saved = step
         window_start = time.perf_counter()
 
     if eval_fn is not None and step not in result.evals:
-        _run_eval(eval_fn, state.params, eval_batches, mesh, config, step, writer, progress, result)
+        with phases.time("eval"):
+            _run_eval(eval_fn, state.params, eval_batches, mesh, config, step, writer, progress, result)
     if last_saved != step:
-        save()
+        with phases.time("checkpoint"):
+            save()
     result.final_step, result.seconds = step, time.perf_counter() - t0
     result.params = state.params
     tps = timed_tokens / timed_seconds if timed_seconds else 0.0

@@ -78,9 +78,13 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, sched
             grads, parts = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, m), state.step)
             return jax.tree.map(jnp.add, carry, (grads, parts)), None
 
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-            grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng, state.step))
-        (grad_sum, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+        if grad_accum == 1:  # no loop: a length-1 scan still compiles to a while loop XLA cannot fuse across
+            grad_sum, sums = grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), jax.random.fold_in(rng, 0),
+                                     state.step)
+        else:
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+                grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng, state.step))
+            (grad_sum, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grad_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
