@@ -42,7 +42,7 @@ train: $(STAMP)
 TEST_WORKERS ?= 2
 
 test: $(STAMP) $(HF4_STAMP) $(LLAMA_STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests parity_tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests parity_tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m launch.bench $(ARGS)

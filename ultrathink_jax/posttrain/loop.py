@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ultrathink_jax import losses, sharding
 from ultrathink_jax import metrics as metrics_lib
+from ultrathink_jax.checkpoint import abstract_like
 from ultrathink_jax.config import ConfigError, ModelConfig
 from ultrathink_jax.data import DataError, EvalBatches, TrainIterator, load_tokenizer
 from ultrathink_jax.data.pipeline import TOKENIZER_DIR
@@ -334,12 +335,10 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | os.PathLike, obj
                                step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
                                rng=jax.device_put(jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 1),
                                                   shardings.rng))
-            latest = store.latest_step()
-            if latest is not None:
-                target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-                                      shardings)
-                _, p, o, prog, data_state = store.restore(latest, target.params, target.opt_state,
-                                                          {"step": target.step, "rng": target.rng})
+            if store.latest_step() is not None:  # the newest intact checkpoint; damaged ones are skipped
+                target = abstract_like(state, shardings)
+                latest, p, o, prog, data_state = store.restore(None, target.params, target.opt_state,
+                                                               {"step": target.step, "rng": target.rng})
                 train_iter.set_state(data_state)
                 state = TrainState(params=p, opt_state=o, step=prog["step"], rng=prog["rng"])
                 progress.message(f"resumed from checkpoint step {latest} in {store.directory}")
