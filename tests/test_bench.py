@@ -35,3 +35,12 @@ def test_train_bench_runs_jax_and_the_eager_twin_on_the_same_loss(tiny_cases, na
 def test_train_bench_capacity_case_runs_without_a_twin(tiny_cases):
     r = bench_train.measure(tiny_cases["tiny moe capacity"], repeats=1, warmup=1)
     assert set(r["step_s"]) == {"jax"}
+
+
+def test_adaptive_bench_times_the_layerskip_step_against_the_plain_one():
+    from ultrathink_jax.bench import adaptive
+    from ultrathink_jax.train.layerskip import LayerSkipConfig
+
+    model = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=128)
+    ratio = adaptive._step_cost(model, LayerSkipConfig(exit_layers=(0,), layer_dropout_max=0.1), steps=1)
+    assert ratio > 0

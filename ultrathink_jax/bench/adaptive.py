@@ -51,7 +51,7 @@ def _decode_rate(fn, repeats: int):
 def _step_cost(model, layerskip_cfg, steps: int) -> float:
     """Median step time with LayerSkip / without, alternating the two steps so load affects both alike."""
     from ultrathink_jax import sharding
-    from ultrathink_jax.bench.train import _batch
+    from ultrathink_jax.bench.train import synthetic_batch
     from ultrathink_jax.train.config import sections
     from ultrathink_jax.train.loop import step_functions
     from ultrathink_jax.train.state import init_state
@@ -60,7 +60,7 @@ def _step_cost(model, layerskip_cfg, steps: int) -> float:
     mesh = sharding.make_mesh({}, jax.devices()[:1])
     optim = tuple(sorted(sections()["optim"].items()))
     fns = {k: step_functions(model, optim, 1000, 1, 0.0, mesh, ls) for k, ls in (("off", None), ("on", layerskip_cfg))}
-    batch = _batch(16, 128, model.vocab_size, 0)
+    batch = synthetic_batch(16, 128, model.vocab_size, 0)
     times = {"off": [], "on": []}
     with sharding.activate(mesh):
         states = {k: init_state(model, f.tx, mesh, 0) for k, f in fns.items()}
