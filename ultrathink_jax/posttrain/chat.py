@@ -114,7 +114,8 @@ def prompt_ids(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------- files
 
-def _lines(path: str | Path) -> Iterable[tuple[str, dict]]:
+def jsonl_objects(path: str | Path) -> Iterable[tuple[str, dict]]:
+    """(`file:line`, object) for each non-blank line of a jsonl file; anything else is a one-line DataError."""
     p = Path(path)
     if not p.is_file():
         raise DataFileNotFoundError(f"data file does not exist: {p}")
@@ -153,7 +154,7 @@ def read_conversations(spec: str) -> list[list[dict]]:
     """SFT examples of comma-separated jsonl files, as message lists (each with an assistant message)."""
     out = []
     for f in _files(spec):
-        for where, row in _lines(f):
+        for where, row in jsonl_objects(f):
             if "messages" in row:
                 messages = _messages(where, row["messages"])
             elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
@@ -173,7 +174,7 @@ def read_preferences(spec: str) -> list[tuple[list[dict], str, str]]:
     """DPO examples: (prompt messages, chosen answer, rejected answer)."""
     out = []
     for f in _files(spec):
-        for where, row in _lines(f):
+        for where, row in jsonl_objects(f):
             if "prompt" not in row or not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
                 raise DataError(f"{where}: expected 'prompt' (text or messages), 'chosen' and 'rejected' (strings)")
             out.append((_messages(where, row["prompt"]), row["chosen"], row["rejected"]))

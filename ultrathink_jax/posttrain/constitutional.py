@@ -70,15 +70,9 @@ def _read(path) -> str:
 
 def read_principles(path) -> list[dict]:
     out = []
-    for n, line in enumerate(_read(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or any(not isinstance(row.get(f), str) for f in PRINCIPLE_FIELDS):
-            raise DataError(f"{path}:{n}: a principle needs string fields {PRINCIPLE_FIELDS}")
+    for where, row in chat.jsonl_objects(path):
+        if any(not isinstance(row.get(f), str) for f in PRINCIPLE_FIELDS):
+            raise DataError(f"{where}: a principle needs string fields {PRINCIPLE_FIELDS}")
         out.append(row)
     if not out:
         raise DataError(f"no principles in {path}")
@@ -86,20 +80,14 @@ def read_principles(path) -> list[dict]:
 
 
 def read_prompts(path) -> list[str]:
-    text = _read(path)
     if str(path).endswith(".jsonl"):
         prompts = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                    raise DataError(f"{path}:{n}: expected an object with a string 'prompt'")
-                prompts.append(row["prompt"])
+        for where, row in chat.jsonl_objects(path):
+            if not isinstance(row.get("prompt"), str):
+                raise DataError(f"{where}: expected an object with a string 'prompt'")
+            prompts.append(row["prompt"])
     else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        prompts = [line.strip() for line in _read(path).splitlines() if line.strip()]
     if not prompts:
         raise DataError(f"no prompts in {path}")
     return prompts
