@@ -106,5 +106,5 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_with_one_co
     step = int(lasts[0].split(" at step ")[1].split(";")[0])
     assert lasts == [f"launch.train: stopped by SIGTERM at step {step}; checkpoint {workdir / 'checkpoints' / str(step)}"]\
         * 2, lasts
-    assert checkpoint_steps(workdir)[-1] == step and 5 < step < 400
+    assert checkpoint_steps(workdir)[-1] == step and 5 <= step < 400  # the signal may land at step 5's own stop check
     assert load_run(workdir).params is not None
