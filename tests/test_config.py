@@ -18,6 +18,7 @@ from ultrathink_jax.config import ConfigError, ModelConfig
     (dict(n_experts=4, moe_dispatch="random"), r"moe_dispatch='random' must be one of"),
     (dict(n_experts=4, n_layers=2, moe_every=4), r"select no MoE layer"),
     (dict(sliding_window=-2), r"sliding_window=-2 must be >= 0"),
+    (dict(scan_unroll=-1), r"scan_unroll=-1 must be >= 0"),
 ])
 def test_impossible_values_fail_with_one_line_naming_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:

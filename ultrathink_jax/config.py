@@ -34,6 +34,10 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype; params stay float32
     remat_policy: str = "none"
+    # Units of a layer stage computed per iteration of its scan loop. 0 = auto: all of them on CPU (no loop, so no
+    # stacked residual buffers to zero-fill and slice: a faster CPU step, BENCHMARKS.md), 1 elsewhere (a rolled
+    # loop: compile time flat in depth). Parameters are stacked the same way whatever the value.
+    scan_unroll: int = 0
     attention_impl: str = "auto"  # auto: cuDNN flash attention on GPU, XLA elsewhere
     # Mixture-of-Experts (n_experts = 0: dense model). Layer i is MoE iff i >= moe_first_dense and
     # (i + 1) % moe_every == 0 -- Qwen2-MoE's mlp_only_layers / decoder_sparse_step, so export is exact.
@@ -70,6 +74,7 @@ class ModelConfig:
                      f"must be divisible by n_heads={self.n_heads} when head_dim is 0")
         _require("head_dim", self.resolved_head_dim, self.resolved_head_dim % 2 == 0,
                  "must be even (rotate-half RoPE pairs dimension i with i + head_dim/2)")
+        _require("scan_unroll", self.scan_unroll, self.scan_unroll >= 0, "must be >= 0 (0 = auto)")
         _require("rope_theta", self.rope_theta, self.rope_theta > 0, "must be positive")
         _require("norm_eps", self.norm_eps, self.norm_eps > 0, "must be positive")
         _require("init_std", self.init_std, self.init_std > 0, "must be positive")

@@ -9,7 +9,10 @@ def cross_entropy(logits, targets, weights):
     """Next-token cross-entropy; logits [B, T, V] already aligned with targets [B, T] (the data shifts by one)."""
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    # A select over the vocabulary, not take_along_axis: its gradient is elementwise, where a gather's is a scatter
+    # into a zeroed [B, T, V] buffer.
+    is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
+    target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
     return jnp.sum((log_z - target_logit) * weights), jnp.sum(weights)
 
 

@@ -1,6 +1,8 @@
 """The decoder: a Llama-family transformer (dense or Mixture-of-Experts) in Flax linen.
 
-Layers are stacked with `nn.scan` so compile time does not grow with depth. A model whose layers are not all alike
+Layers are stacked with `nn.scan` (parameters get a leading [n_units] axis); on GPU/TPU the scan stays a loop so
+compile time does not grow with depth, on CPU it is unrolled (`scan_unroll`), which removes the loop's stacked
+residual buffers from the backward pass. A model whose layers are not all alike
 (MoE every k-th layer, or after n dense layers) is cut into at most three *stages*, each a scan over identical
 *units*: `dense_layers` (leading dense layers), `moe_units` (k-1 dense blocks then one MoE block, repeated) and
 `dense_tail` (dense layers after the last MoE layer). `layer_plan` is the single place that says which stage,
@@ -105,6 +107,13 @@ def _remat(module, policy: str):
     return nn.remat(module, policy=jax_policy, prevent_cse=False)
 
 
+def scan_unroll(config: ModelConfig, n_units: int) -> int:
+    """Units per scan-loop iteration (`ModelConfig.scan_unroll`; 0 = auto: unrolled on CPU, rolled elsewhere)."""
+    if config.scan_unroll:
+        return min(config.scan_unroll, n_units)
+    return n_units if jax.default_backend() == "cpu" else 1
+
+
 class Transformer(nn.Module):
     config: ModelConfig
 
@@ -133,6 +142,7 @@ class Transformer(nn.Module):
                 in_axes=(nn.broadcast, 0, 0),
                 length=stage.n_units,
                 metadata_params={nn.PARTITION_NAME: "layers"},
+                unroll=scan_unroll(cfg, stage.n_units),
             )(cfg, stage.unit, deterministic, exits is not None, name=stage.name)
             x, (stage_cache, aux, stage_hidden) = scanned(
                 x, context, None if cache is None else cache["stages"][stage.name],

@@ -22,8 +22,8 @@ from ultrathink_jax.hf.export import DTYPES, ExportError, export_params, prepare
 from ultrathink_jax.hf.load import HFCheckpointNotFoundError, load_hf
 
 # Model fields that do not change the weights or the maths of the exported model: kept from the training config.
-TRAINING_ONLY_FIELDS = ("dtype", "remat_policy", "attention_impl", "moe_dispatch", "capacity_factor",
-                        "router_z_loss_weight", "router_aux_loss_per_layer")
+TRAINING_ONLY_FIELDS = ("dtype", "remat_policy", "scan_unroll", "attention_impl", "moe_dispatch",
+                        "capacity_factor", "router_z_loss_weight", "router_aux_loss_per_layer")
 CONFIG_PY = '''"""Written by launch.import_hf: the resolved config of this run (config.json beside this file)."""
 import json
 import pathlib
