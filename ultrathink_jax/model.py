@@ -21,6 +21,7 @@ from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.layers.attention import Attention, attention_mask, mask_bias, resolve_implementation
 from ultrathink_jax.layers.embedding import TokenEmbedding
 from ultrathink_jax.layers.init import weight_init
+from ultrathink_jax.layers.linear import Linear
 from ultrathink_jax.layers.mlp import MLP
 from ultrathink_jax.layers.norm import RMSNorm
 from ultrathink_jax.layers.rotary import rope_tables
@@ -154,9 +155,8 @@ class Transformer(nn.Module):
                 hidden.append(stage_hidden.reshape(-1, *stage_hidden.shape[2:]))
 
         final_norm = RMSNorm(cfg.norm_eps, cfg.dtype, name="final_norm")
-        lm_head = None if cfg.tie_embeddings else nn.Dense(
-            cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name="lm_head",
-            kernel_init=nn.with_logical_partitioning(weight_init(cfg), ("embed", "vocab")))
+        lm_head = None if cfg.tie_embeddings else Linear(
+            (cfg.d_model, cfg.vocab_size), 1, ("embed", "vocab"), weight_init(cfg), cfg.dtype, name="lm_head")
 
         def head(h):
             h = final_norm(h)

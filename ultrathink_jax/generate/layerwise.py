@@ -12,7 +12,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.layers.embedding import TokenEmbedding
@@ -53,8 +52,8 @@ def head(params, config: ModelConfig, x):
     if config.tie_embeddings:
         out = TokenEmbedding(config).apply({"params": params["embed"]}, x, method="attend")
     else:
-        out = nn.Dense(config.vocab_size, use_bias=False, dtype=config.dtype).apply(
-            {"params": params["lm_head"]}, x)
+        out = Linear((config.d_model, config.vocab_size), 1, ("embed", "vocab"), weight_init(config),
+                     config.dtype).apply({"params": params["lm_head"]}, x)
     return out.astype(jnp.float32)
 
 

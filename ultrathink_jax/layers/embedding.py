@@ -26,4 +26,5 @@ class TokenEmbedding(nn.Module):
         return jnp.take(self._table(), tokens, axis=0)
 
     def attend(self, x):
-        return jnp.einsum("...d,vd->...v", x.astype(self.config.dtype), self._table())
+        rows = x.reshape(-1, x.shape[-1]).astype(self.config.dtype)  # 2-D, as in `Linear`: no layout copies on CPU
+        return (rows @ self._table().T).reshape(*x.shape[:-1], -1)

@@ -3,6 +3,7 @@ from flax import linen as nn
 
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.layers.init import residual_out_init, weight_init
+from ultrathink_jax.layers.linear import Linear
 
 ACTIVATION_FNS = {
     "silu": jax.nn.silu,
@@ -21,11 +22,8 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
 
-        def dense(features, names, init, name):
-            return nn.Dense(features, use_bias=False, dtype=cfg.dtype, name=name,
-                            kernel_init=nn.with_logical_partitioning(init, names))
-
-        gate = dense(self.d_ff, ("embed", "mlp"), weight_init(cfg), "gate_proj")(x)
-        up = dense(self.d_ff, ("embed", "mlp"), weight_init(cfg), "up_proj")(x)
+        d = x.shape[-1]
+        gate = Linear((d, self.d_ff), 1, ("embed", "mlp"), weight_init(cfg), cfg.dtype, name="gate_proj")(x)
+        up = Linear((d, self.d_ff), 1, ("embed", "mlp"), weight_init(cfg), cfg.dtype, name="up_proj")(x)
         h = nn.with_logical_constraint(ACTIVATION_FNS[cfg.activation](gate) * up, ("act_batch", "act_length", "act_mlp"))
-        return dense(x.shape[-1], ("mlp", "embed"), residual_out_init(cfg), "down_proj")(h)
+        return Linear((self.d_ff, d), 1, ("mlp", "embed"), residual_out_init(cfg), cfg.dtype, name="down_proj")(h)
