@@ -33,15 +33,20 @@ def mask_bias(mask):
 
 def grouped_attention(q, k, v, mask, scale):
     """Softmax attention for the XLA path: q [B, T, H, hd], k/v [B, S, K, hd], mask [B, 1, T, S] boolean or an
-    additive float bias. Query heads are grouped per KV head (GQA) by a reshape, so K/V are never repeated; scores and
-    softmax are float32."""
+    additive float bias. Computed heads-major, as batched matmuls over (B, K): the G = H / K query heads sharing a KV
+    head are stacked along the query axis (GQA without repeating K/V), so each matmul is [G*T, hd] x [hd, S] in the
+    layout XLA:CPU's batched matmul wants (fewer layout copies than contracting [B, T, K, G, hd] in place). Scores
+    and softmax are float32."""
     B, T, H, hd = q.shape
-    K = k.shape[2]
-    q = q.reshape(B, T, K, H // K, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    S, K = k.shape[1], k.shape[2]
+    G = H // K
+    q = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, hd]
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * scale
     bias = mask if jnp.issubdtype(mask.dtype, jnp.floating) else mask_bias(mask)
-    probs = jax.nn.softmax(scores + bias[:, :, None], axis=-1)
-    return jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v).reshape(B, T, H, hd)
+    probs = jax.nn.softmax(scores.reshape(B, K, G, T, S) + bias[:, :, None], axis=-1).reshape(B, K, G * T, S)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v)
+    return out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
 def resolve_implementation(config: ModelConfig) -> str:
