@@ -1,13 +1,18 @@
 """The decoder: a Llama-family transformer (dense or Mixture-of-Experts) in Flax linen.
 
+Read this file top to bottom for the whole model: `Transformer` embeds the tokens, runs the stages of `Unit`s of
+pre-norm `Block`s (attention, then a SwiGLU or MoE MLP, each a residual branch), applies the final norm and the
+(tied or untied) head. The blocks' parts stay in `layers/` (norm, rotary, attention, mlp, linear, embedding, init),
+one short file each, because they are used on their own too: the MoE layer reuses the MLP, the layer-by-layer
+decoder of early exit / speculative decoding (`generate/layerwise.py`) and LoRA use the norm, projections and head.
+
 Layers are stacked with `nn.scan` (parameters get a leading [n_units] axis); on GPU/TPU the scan stays a loop so
 compile time does not grow with depth, on CPU it is unrolled (`scan_unroll`), which removes the loop's stacked
-residual buffers from the backward pass. A model whose layers are not all alike
-(MoE every k-th layer, or after n dense layers) is cut into at most three *stages*, each a scan over identical
-*units*: `dense_layers` (leading dense layers), `moe_units` (k-1 dense blocks then one MoE block, repeated) and
-`dense_tail` (dense layers after the last MoE layer). `layer_plan` is the single place that says which stage,
-unit and block holds Hugging Face layer i, so export/import map layers without guessing.
-"""
+residual buffers from the backward pass. A model whose layers are not all alike (MoE every k-th layer, or after n
+dense layers) is cut into at most three *stages*, each a scan over identical *units*: `dense_layers` (leading dense
+layers), `moe_units` (k-1 dense blocks then one MoE block, repeated) and `dense_tail` (dense layers after the last
+MoE layer). `layer_plan` is the single place that says which stage, unit and block holds Hugging Face layer i, so
+export/import map layers without guessing."""
 
 from __future__ import annotations
 

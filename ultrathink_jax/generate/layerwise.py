@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.layers.embedding import TokenEmbedding
-from ultrathink_jax.layers.linear import Linear
 from ultrathink_jax.layers.init import weight_init
+from ultrathink_jax.layers.linear import Linear
 from ultrathink_jax.layers.norm import RMSNorm
 from ultrathink_jax.layers.rotary import apply_rope
 from ultrathink_jax.model import Block, attention_context, layer_plan
