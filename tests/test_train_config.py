@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import base, benchmark, default
+from ultrathink_jax.configs import base, benchmark, default
 from ultrathink_jax import metrics
 from ultrathink_jax.config import ConfigError, ModelConfig
 from ultrathink_jax.params import abstract_params

@@ -1,7 +1,7 @@
 """Tokenizer: a thin wrapper over a `tokenizers.Tokenizer` that knows its EOS/BOS/PAD ids.
 
-Loads a Hugging Face tokenizer directory or `tokenizer.json`, or a GPT-2 style `vocab.json` + `merges.txt`
-pair; or trains a byte-level BPE. `save(dir)` writes files that `transformers.AutoTokenizer` reloads as a
+Loads a Hugging Face tokenizer directory or `tokenizer.json`, a GPT-2 style `vocab.json` + `merges.txt`
+pair, or a tokenizer shipped in the package (`builtin:gpt2`); or trains a byte-level BPE. `save(dir)` writes files that `transformers.AutoTokenizer` reloads as a
 `PreTrainedTokenizerFast` encoding to the same ids (written by hand: a `GPT2TokenizerFast.save_pretrained`
 directory reloads under transformers 5.x as a class that encodes everything to []).
 """
@@ -22,6 +22,9 @@ from ultrathink_jax.data.errors import DataFileNotFoundError, TokenizerError, on
 ENDOFTEXT = "<|endoftext|>"
 # End-of-document markers of common model families, tried in order when a tokenizer names no eos_token.
 _EOS_CANDIDATES = (ENDOFTEXT, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+BUILTIN_PREFIX = "builtin:"
+# Tokenizers in ultrathink_jax/assets (package data): named by a config without a path or a download.
+BUILTIN = {"gpt2": Path(__file__).resolve().parents[1] / "assets" / "gpt2_tokenizer"}
 
 
 class Tokenizer:
@@ -91,9 +94,15 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Loads from a directory (tokenizer.json, or vocab.json + merges.txt), a tokenizer.json file, or a
-    "VOCAB.json,MERGES.txt" pair."""
+    """Loads from a directory (tokenizer.json, or vocab.json + merges.txt), a tokenizer.json file, a
+    "VOCAB.json,MERGES.txt" pair, or "builtin:NAME" (a shipped tokenizer, see BUILTIN)."""
     text = os.fspath(path)
+    if text.startswith(BUILTIN_PREFIX):
+        name = text[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN:
+            raise TokenizerError(f"unknown built-in tokenizer {text!r}; shipped: "
+                                 f"{[BUILTIN_PREFIX + n for n in sorted(BUILTIN)]}")
+        return _from_tokenizer_json(BUILTIN[name] / "tokenizer.json", BUILTIN[name])
     if "," in text:
         vocab, merges = (Path(p.strip()) for p in text.split(",", 1))
         return _from_vocab_merges(vocab, merges)
