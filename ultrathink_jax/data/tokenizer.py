@@ -1,9 +1,10 @@
 """Tokenizer: a thin wrapper over a `tokenizers.Tokenizer` that knows its EOS/BOS/PAD ids.
 
 Loads a Hugging Face tokenizer directory or `tokenizer.json`, a GPT-2 style `vocab.json` + `merges.txt`
-pair, or a tokenizer shipped in the package (`builtin:gpt2`); or trains a byte-level BPE. `save(dir)` writes files that `transformers.AutoTokenizer` reloads as a
-`PreTrainedTokenizerFast` encoding to the same ids (written by hand: a `GPT2TokenizerFast.save_pretrained`
-directory reloads under transformers 5.x as a class that encodes everything to []).
+pair, or a tokenizer shipped in the package (`builtin:gpt2`); or trains a byte-level BPE. `save(dir)` writes
+files that `transformers.AutoTokenizer` reloads as a `PreTrainedTokenizerFast` encoding to the same ids
+(written by hand: a `GPT2TokenizerFast.save_pretrained` directory reloads under transformers 5.x as a class
+that encodes everything to []).
 """
 
 from __future__ import annotations
