@@ -52,7 +52,7 @@ def test_an_installed_copy_has_the_presets_and_tokenizer_but_no_top_level_launch
     imports from it outside the repository."""
     source = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
-    for name in ("ultrathink_jax", "ultrathink_torch", "launch", "tests"):
+    for name in ("ultrathink_jax", "ultrathink_torch", "launch"):
         shutil.copytree(REPO / name, source / name, ignore=ignore)
     for name in ("setup.cfg", "setup.py", "pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)

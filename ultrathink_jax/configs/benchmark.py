@@ -14,7 +14,7 @@ def get_config():
     config.data.global_batch_size = 32
     config.train.steps = 100_000
     config.train.grad_accum = 4
+    # the same as small's recipe, stated here because they are the original's numbers
     config.optim.learning_rate = 3e-4
-    config.optim.warmup_fraction = 0.02
-    config.log.every_steps = 10
+    config.optim.warmup_fraction = 0.02  # its 2000 of 100k steps
     return config
