@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import common
-from ultrathink_jax import configs
+from ultrathink_jax import config_files, configs
 from ultrathink_jax.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_configs_path_resolves_to_the_packaged_preset_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = common.load_config_file("configs/small.py")
+    config = config_files.load_config_file("configs/small.py")
     assert config.model.d_model == 1024 and config.data.tokenizer == "builtin:gpt2"
 
 
@@ -28,7 +27,7 @@ def test_a_file_in_the_working_directory_wins_over_the_packaged_preset(tmp_path,
         "from ultrathink_jax.configs import small\n\n"
         "def get_config():\n    config = small.get_config()\n    config.train.steps = 7\n    return config\n")
     monkeypatch.chdir(tmp_path)
-    assert common.load_config_file("configs/small.py").train.steps == 7
+    assert config_files.load_config_file("configs/small.py").train.steps == 7
     assert configs.get("small").train.steps == 15_000
 
 
@@ -36,7 +35,7 @@ def test_a_file_in_the_working_directory_wins_over_the_packaged_preset(tmp_path,
 def test_a_config_path_that_is_neither_a_file_nor_a_preset_names_the_presets(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"config file not found: .* NAME one of \['benchmark', 'default'"):
-        common.load_config_file(path)
+        config_files.load_config_file(path)
 
 
 def test_a_config_file_importing_the_old_top_level_configs_gets_one_line_naming_the_new_home(tmp_path, monkeypatch):
@@ -44,7 +43,7 @@ def test_a_config_file_importing_the_old_top_level_configs_gets_one_line_naming_
     old = tmp_path / "old.py"
     old.write_text("from configs import base\n\ndef get_config():\n    return base.get_config()\n")
     with pytest.raises(ConfigError, match=r"imports `configs`, which is now `ultrathink_jax.configs`"):
-        common.load_config_file(str(old))
+        config_files.load_config_file(str(old))
 
 
 def test_an_installed_copy_has_the_presets_and_tokenizer_but_no_top_level_launch_or_configs(tmp_path):
@@ -64,8 +63,8 @@ def test_an_installed_copy_has_the_presets_and_tokenizer_but_no_top_level_launch
     top_level = sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info"))
     assert top_level == ["ultrathink_jax", "ultrathink_torch"], top_level
 
-    check = ("from ultrathink_jax import configs, data; import ultrathink_jax; "
-             "c = configs.load('configs/small.py'); t = data.load_tokenizer(c.data.tokenizer); "
+    check = ("from ultrathink_jax import config_files, data; import ultrathink_jax; "
+             "c = config_files.load_config_file('configs/small.py'); t = data.load_tokenizer(c.data.tokenizer); "
              "print(ultrathink_jax.__file__, c.model.d_model, t.vocab_size, t.encode('Hello world'))")
     env = dict(os.environ, PYTHONPATH=str(target))  # ahead of the development install in site-packages
     run = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True,

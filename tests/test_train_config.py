@@ -8,8 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from launch import common
-from ultrathink_jax import metrics
+from ultrathink_jax import config_files, metrics
 from ultrathink_jax.config import ConfigError, ModelConfig
 from ultrathink_jax.configs import base, benchmark, default
 from ultrathink_jax.params import abstract_params
@@ -37,7 +36,7 @@ def test_benchmark_config_reproduces_the_original_settings():
 
 
 def test_warmup_is_a_fraction_of_the_steps_so_overriding_steps_scales_it():
-    _, config = common.parse_config_args(argparse.ArgumentParser(), ["--config=configs/small.py",
+    _, config = config_files.parse_config_args(argparse.ArgumentParser(), ["--config=configs/small.py",
                                                                      "--config.train.steps=2000"])
     assert (config.optim.warmup_steps, config.optim.warmup_fraction) == (-1, 0.02)
     assert warmup_steps(config.optim, config.train.steps) == 40

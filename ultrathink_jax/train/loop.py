@@ -87,7 +87,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
     is_main = jax.process_index() == 0
     validate(config)
     workdir = Path(workdir)
-    mesh = sharding.make_mesh(dict(config.mesh))
+    mesh = run_lib.run_mesh(config)
     _check_batch(config, mesh)
     phases = Phases()
     with phases.time("tokenizer"):

@@ -25,6 +25,7 @@ from ultrathink_jax.checkpoint import CheckpointError, CheckpointNotFoundError, 
 from ultrathink_jax.config import ConfigError, ModelConfig
 from ultrathink_jax.data import Tokenizer, load_tokenizer
 from ultrathink_jax.data.pipeline import TOKENIZER_DIR
+from ultrathink_jax.errors import one_line
 from ultrathink_jax.params import abstract_params, param_shardings
 from ultrathink_jax.train.config import VOCAB_MULTIPLE
 from ultrathink_jax.train.state import strip_boxes
@@ -84,7 +85,7 @@ def saved_model_config(workdir: str | os.PathLike) -> ModelConfig | None:
     try:
         return ModelConfig.from_mapping(json.loads(f.read_text()))
     except (json.JSONDecodeError, ConfigError) as e:
-        raise CheckpointError(f"cannot read {f}: {' '.join(str(e).split())}") from e
+        raise CheckpointError(f"cannot read {f}: {one_line(e)}") from e
 
 
 def check_same_shapes(workdir: str | os.PathLike, model: ModelConfig) -> None:
@@ -117,6 +118,11 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def run_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """The device mesh the config's `mesh` section describes; training, eval and generate all build theirs here."""
+    return sharding.make_mesh(dict(config.mesh))
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
