@@ -3,6 +3,7 @@ and layouts the model cannot represent are refused by name."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -44,6 +45,20 @@ def test_qwen2_moe_with_shared_expert_round_trips_bytewise(tmp_path):
     config, params = load_hf(tmp_path / "hf")
     assert (config.moe_every, config.moe_first_dense, config.shared_expert_d_ff) == (2, 0, 24)
     assert_byte_identical(tmp_path / "hf", export_params(params, config, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("name", ["llama_tied_gelu", "mixtral_window"])
+def test_sharded_export_writes_the_index_transformers_writes(name, reference, tmp_path):
+    model, _ = reference(name)
+    model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    config, params = load_hf(tmp_path / "hf")
+    export_params(params, config, tmp_path / "out", max_shard_bytes=20_000)
+    theirs, ours = ((tmp_path / d / "model.safetensors.index.json").read_text() for d in ("hf", "out"))
+    theirs, ours = json.loads(theirs), json.loads(ours)
+    assert len(set(ours["weight_map"].values())) > 1, "the model must span several shards"
+    assert ours["metadata"] == theirs["metadata"]  # total_size and total_parameters
+    assert ours["weight_map"].keys() == theirs["weight_map"].keys()
+    assert_byte_identical(tmp_path / "hf", tmp_path / "out")
 
 
 @pytest.mark.parametrize("name,message", [
