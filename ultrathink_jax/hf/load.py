@@ -16,12 +16,11 @@ import numpy as np
 from safetensors import safe_open
 
 from ultrathink_jax.config import ModelConfig
-from ultrathink_jax.hf.mapping import HFFormatError, family, from_hf_config, tensor_table
+from ultrathink_jax.hf.mapping import MIXTRAL_EXPERT_NAMES, HFFormatError, family, from_hf_config, tensor_table
 from ultrathink_jax.tree import leaf_at
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_TO_MIXTRAL = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-_TO_QWEN = {v: k for k, v in _TO_MIXTRAL.items()}
+_TO_QWEN = {v: k for k, v in MIXTRAL_EXPERT_NAMES.items()}
 
 
 class HFCheckpointNotFoundError(FileNotFoundError, HFFormatError):
@@ -120,7 +119,7 @@ def _moe_name(layer: str, rest: str, mixtral: bool) -> str:
         return f"model.layers.{layer}.mlp.{rest}"
     m = re.fullmatch(r"experts\.(\d+)\.(\w+)\.weight", rest)
     if m:
-        rest = f"experts.{m[1]}.{_TO_MIXTRAL[m[2]]}.weight"
+        rest = f"experts.{m[1]}.{MIXTRAL_EXPERT_NAMES[m[2]]}.weight"
     return f"model.layers.{layer}.block_sparse_moe.{rest}"
 
 

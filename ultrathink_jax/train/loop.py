@@ -20,6 +20,7 @@ import optax
 
 from ultrathink_jax import metrics as metrics_lib
 from ultrathink_jax import sharding
+from ultrathink_jax.sharding import data_parallel_size
 from ultrathink_jax.config import ConfigError, ModelConfig
 from ultrathink_jax.data import build_eval_iterator, build_tokenizer, build_train_iterator
 from ultrathink_jax.moe import moe_metrics, moe_report
@@ -51,10 +52,6 @@ class TrainResult:
     sample: str | None
     params: object = dataclasses.field(default=None, repr=False)  # the final parameters (on the mesh)
     skipped: list[int] = dataclasses.field(default_factory=list)  # steps skipped for a non-finite loss/gradient
-
-
-def data_parallel_size(mesh) -> int:
-    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
 
 
 def evaluate(eval_step, params, batches, mesh, max_batches: int = 0) -> tuple[float, float]:
