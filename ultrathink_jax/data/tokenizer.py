@@ -188,5 +188,3 @@ def _guess_eos(backend: _Backend, where: str) -> str:
             return candidate
     raise TokenizerError(f"tokenizer {where}: no end-of-text token found (tried {list(_EOS_CANDIDATES)}); "
                          "add an eos_token to tokenizer_config.json")
-
-
