@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ultrathink_jax import atomic
+from ultrathink_jax.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class CheckpointSaveError(CheckpointError):
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split(". See full TensorStore")[0].split())[:300] or type(e).__name__
+    """TensorStore appends a long debug trailer to its messages; the first part is what the user needs."""
+    return one_line(e).split(". See full TensorStore")[0][:300]
 
 
 def _crc32(path: Path) -> int:

@@ -77,6 +77,17 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """`tensor=2,fsdp=4` -> {"tensor": 2, "fsdp": 4}, the command-line form of a config's mesh section."""
+    sizes = {}
+    for part in text.split(","):
+        axis, sep, size = part.partition("=")
+        if not sep or not size.strip().lstrip("-").isdigit():
+            raise MeshError(f"--mesh: {part!r} is not axis=size (e.g. tensor=2,fsdp=4)")
+        sizes[axis.strip()] = int(size)
+    return sizes
+
+
 def logical_to_spec(logical_axes: Sequence[str | None]) -> PartitionSpec:
     return nn.logical_to_mesh_axes(logical_axes, LOGICAL_AXIS_RULES)
 

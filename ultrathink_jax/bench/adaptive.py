@@ -19,7 +19,7 @@ THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
 
 
 def _config(train_file, eval_file, steps: int, layerskip: bool):
-    from launch.common import load_config_file
+    from ultrathink_jax.config_files import load_config_file
 
     config = load_config_file(str(REPO / "configs" / "base.py"))
     config.model.update(vocab_size=0, d_model=128, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256,

@@ -59,7 +59,7 @@ def _step_rows_per_second(cfg, rows_iter) -> tuple[float, str]:
 
 
 def run(quick: bool = False) -> str:
-    from launch.common import load_config_file
+    from ultrathink_jax.config_files import load_config_file
     from ultrathink_jax.data import FileSource, TrainIterator, train_tokenizer
     from ultrathink_jax.data.shards import PreparedDataset, ShardRows, prepare
 

@@ -21,7 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def _model_config(preset: str) -> ModelConfig:
     """The preset's model as training builds it (vocab_size 0 = sized from the configured tokenizer)."""
-    from launch.common import load_config_file
+    from ultrathink_jax.config_files import load_config_file
     from ultrathink_jax.train.run import resolve_model_config
 
     config = load_config_file(str(REPO / "configs" / f"{preset}.py"))

@@ -34,6 +34,7 @@ from ultrathink_jax import atomic
 from ultrathink_jax.data.errors import DataError, DataFileNotFoundError
 from ultrathink_jax.data.packing import TokenStream, num_rows, pack_documents, pack_row
 from ultrathink_jax.data.tokenizer import Tokenizer, load_tokenizer
+from ultrathink_jax.errors import one_line
 
 MANIFEST = "manifest.json"
 FORMAT = "ultrathink-token-shards/1"
@@ -97,7 +98,7 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
     try:
         manifest = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"prepared dataset {directory}: unreadable {MANIFEST}: {' '.join(str(e).split())}") from e
+        raise DataError(f"prepared dataset {directory}: unreadable {MANIFEST}: {one_line(e)}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"prepared dataset {directory}: {MANIFEST} is not a {FORMAT} manifest")
     return manifest

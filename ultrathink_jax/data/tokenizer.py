@@ -17,7 +17,8 @@ from tokenizers import Tokenizer as _Backend
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from ultrathink_jax import atomic
-from ultrathink_jax.data.errors import DataFileNotFoundError, TokenizerError, one_line
+from ultrathink_jax.data.errors import DataFileNotFoundError, TokenizerError
+from ultrathink_jax.errors import one_line
 
 ENDOFTEXT = "<|endoftext|>"
 # End-of-document markers of common model families, tried in order when a tokenizer names no eos_token.

@@ -16,6 +16,7 @@ import numpy as np
 from safetensors import safe_open
 
 from ultrathink_jax.config import ModelConfig
+from ultrathink_jax.errors import one_line
 from ultrathink_jax.hf.mapping import MIXTRAL_EXPERT_NAMES, HFFormatError, family, from_hf_config, tensor_table
 from ultrathink_jax.tree import leaf_at
 
@@ -72,7 +73,7 @@ def read_tensors(files: list[Path]) -> dict[str, np.ndarray]:
         except (HFFormatError, MemoryError):
             raise
         except Exception as e:  # SafetensorError: a bad header, sizes that do not add up, not safetensors at all
-            raise HFFormatError(f"{path} is not a readable safetensors file: {' '.join(str(e).split())}") from None
+            raise HFFormatError(f"{path} is not a readable safetensors file: {one_line(e)}") from None
         for name, t in tensors.items():
             if t.dtype.kind in "biuSU":  # bools, integers, bytes (bfloat16 is kind "V")
                 raise HFFormatError(f"tensor {name} in {path.name} has dtype {t.dtype}, expected a float type")

@@ -90,7 +90,7 @@ def import_run(hf_dir: str | os.PathLike, workdir: str | os.PathLike, config: ml
 
     tokenizer.save(workdir / TOKENIZER_DIR)
     data_state = build_train_iterator(config.data, tokenizer, workdir).get_state()
-    mesh = sharding.make_mesh(dict(config.mesh))
+    mesh = run_lib.run_mesh(config)
     tx, _ = make_optimizer(config.optim, config.train.steps)
     shardings = state_shardings(model, tx, mesh)
     with sharding.activate(mesh):

@@ -287,7 +287,7 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | os.PathLike, obj
     pt_config.validate(config)
     validate_trainer(config)
     workdir = Path(workdir)
-    mesh = sharding.make_mesh(dict(config.mesh))
+    mesh = run_lib.run_mesh(config)
     lora = lora_config(config)
     model, tokenizer, params = prepare(config, workdir, mesh)
     config = ml_collections.ConfigDict(config.to_dict())

@@ -20,7 +20,6 @@ import optax
 
 from ultrathink_jax import metrics as metrics_lib
 from ultrathink_jax import sharding
-from ultrathink_jax.sharding import data_parallel_size
 from ultrathink_jax.config import ConfigError, ModelConfig
 from ultrathink_jax.data import build_eval_iterator, build_tokenizer, build_train_iterator
 from ultrathink_jax.moe import moe_metrics, moe_report
@@ -68,7 +67,7 @@ def evaluate(eval_step, params, batches, mesh, max_batches: int = 0) -> tuple[fl
 
 def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
     rows = config.data.global_batch_size // config.train.grad_accum
-    dp = data_parallel_size(mesh)
+    dp = sharding.data_parallel_size(mesh)
     if rows % dp:
         raise ConfigError(f"config: data.global_batch_size={config.data.global_batch_size} / train.grad_accum="
                           f"{config.train.grad_accum} = {rows} rows per micro-batch, not divisible by the "
@@ -84,7 +83,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
     is_main = jax.process_index() == 0
     validate(config)
     workdir = Path(workdir)
-    mesh = sharding.make_mesh(dict(config.mesh))
+    mesh = run_lib.run_mesh(config)
     _check_batch(config, mesh)
     phases = Phases()
     with phases.time("tokenizer"):

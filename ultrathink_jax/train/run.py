@@ -24,6 +24,7 @@ from ultrathink_jax.checkpoint import CheckpointError, CheckpointNotFoundError, 
 from ultrathink_jax.config import ConfigError, ModelConfig
 from ultrathink_jax.data import Tokenizer, load_tokenizer
 from ultrathink_jax.data.pipeline import TOKENIZER_DIR
+from ultrathink_jax.errors import one_line
 from ultrathink_jax.params import abstract_params, param_shardings
 from ultrathink_jax.train.config import VOCAB_MULTIPLE
 from ultrathink_jax.train.state import strip_boxes
@@ -72,7 +73,7 @@ def saved_model_config(workdir: str | os.PathLike) -> ModelConfig | None:
     try:
         return ModelConfig.from_mapping(json.loads(f.read_text()))
     except (json.JSONDecodeError, ConfigError) as e:
-        raise CheckpointError(f"cannot read {f}: {' '.join(str(e).split())}") from e
+        raise CheckpointError(f"cannot read {f}: {one_line(e)}") from e
 
 
 def check_same_shapes(workdir: str | os.PathLike, model: ModelConfig) -> None:
@@ -98,6 +99,11 @@ def write_run_files(workdir: str | os.PathLike, config: ml_collections.ConfigDic
     if jax.process_index() == 0:
         atomic.write_text(out / CONFIG_FILE, resolved.to_json(indent=2) + "\n")
         atomic.write_text(out / MODEL_CONFIG_FILE, json.dumps(dataclasses.asdict(model), indent=2) + "\n")
+
+
+def run_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """The device mesh the config's `mesh` section describes; training, eval and generate all build theirs here."""
+    return sharding.make_mesh(dict(config.mesh))
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
