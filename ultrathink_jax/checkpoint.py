@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ultrathink_jax import atomic
 from ultrathink_jax.errors import one_line
 
 log = logging.getLogger(__name__)
@@ -168,9 +169,7 @@ class Checkpoints:
                 raise OSError("orbax did not commit it")
             if jax.process_index() == 0:
                 step_dir = self.directory / str(step)
-                tmp = step_dir / (CHECKSUMS + ".tmp")
-                tmp.write_text(json.dumps(_file_sums(step_dir)))
-                os.replace(tmp, step_dir / CHECKSUMS)
+                atomic.write_text(step_dir / CHECKSUMS, json.dumps(_file_sums(step_dir)))
         except Exception as e:
             self._save_failed(step, e)
             return

@@ -7,6 +7,7 @@ new plan (pure data parallel, FSDP, FSDP x tensor, experts) never touches a laye
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -112,6 +113,13 @@ def state_shardings(mesh: Mesh, abstract_state: Any) -> Any:
     return jax.tree.map(
         lambda spec: logical_sharding(mesh, tuple(spec)), logical_specs,
         is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the batch is split on `mesh`: the product of the mesh axes the table gives `act_batch`."""
+    spec = logical_to_spec(("act_batch",))
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    return math.prod(mesh.shape[a] for a in axes if a is not None)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -22,6 +21,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from ultrathink_jax import atomic
 from ultrathink_jax.data import config as data_config
 from ultrathink_jax.data.batch_slice import process_slice
 from ultrathink_jax.data.errors import DataError
@@ -141,10 +141,8 @@ def load_tokens(source: TextSource, tokenizer: Tokenizer, cache_dir: str | os.Pa
                     stats["invalid_utf8"])
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.name + ".", suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
+        with atomic.atomic_open(cache_file, "wb") as f:
             np.savez(f, tokens=stream.tokens, doc_starts=stream.doc_starts, stats=np.array(json.dumps(stats)))
-        os.replace(tmp, cache_file)
     return stream, stats
 
 

@@ -25,12 +25,12 @@ import json
 import multiprocessing
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from ultrathink_jax import atomic
 from ultrathink_jax.data.errors import DataError, DataFileNotFoundError
 from ultrathink_jax.data.packing import TokenStream, num_rows, pack_documents, pack_row
 from ultrathink_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -46,10 +46,8 @@ def _shard_name(index: int) -> str:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic.atomic_open(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def _write_shard(out: Path, index: int, stream: TokenStream) -> dict:
@@ -185,9 +183,7 @@ def prepare(source, tokenizer: Tokenizer, out: str | os.PathLike, *, workers: in
         "documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
         "shards": shards,
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    atomic.write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

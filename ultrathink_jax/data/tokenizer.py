@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as _Backend
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from ultrathink_jax import atomic
 from ultrathink_jax.data.errors import DataFileNotFoundError, TokenizerError
 from ultrathink_jax.errors import one_line
 
@@ -86,9 +86,9 @@ class Tokenizer:
         }
         if self.chat_template:
             config["chat_template"] = self.chat_template
-        _atomic_write(out / "tokenizer.json", self.backend.to_str(pretty=True))
-        _atomic_write(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-        _atomic_write(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+        atomic.write_text(out / "tokenizer.json", self.backend.to_str(pretty=True))
+        atomic.write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        atomic.write_text(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
         return out
 
     def __repr__(self) -> str:
@@ -199,11 +199,3 @@ def _guess_eos(backend: _Backend, where: str) -> str:
             return candidate
     raise TokenizerError(f"tokenizer {where}: no end-of-text token found (tried {list(_EOS_CANDIDATES)}); "
                          "add an eos_token to tokenizer_config.json")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    # Several processes of one run may save the same tokenizer into a shared workdir.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -13,7 +13,7 @@ from ultrathink_jax.config import ConfigError
 from ultrathink_jax.data import DataError, build_eval_iterator
 from ultrathink_jax.params import param_shardings
 from ultrathink_jax.train import run as run_lib
-from ultrathink_jax.train.loop import data_parallel_size, evaluate
+from ultrathink_jax.train.loop import evaluate
 from ultrathink_jax.train.steps import make_eval_step
 
 
@@ -29,7 +29,7 @@ def evaluate_run(workdir: str | os.PathLike, eval_files: str | None = None, step
     data.cache = False  # do not write token caches into the run directory for ad-hoc texts
     if batch_size:
         data.global_batch_size = batch_size
-    dp = data_parallel_size(mesh)
+    dp = sharding.data_parallel_size(mesh)
     data.global_batch_size = -(-data.global_batch_size // dp) * dp  # padded rows carry weight 0
     batches = build_eval_iterator(data, tokenizer, files=eval_files)
     if batches is None:

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from ultrathink_jax import sharding
+from ultrathink_jax import atomic, sharding
 from ultrathink_jax.checkpoint import CheckpointError, CheckpointNotFoundError, Checkpoints
 from ultrathink_jax.config import ConfigError, ModelConfig
 from ultrathink_jax.data import Tokenizer, load_tokenizer
@@ -108,16 +108,9 @@ def write_run_files(workdir: str | os.PathLike, config: ml_collections.ConfigDic
     out.mkdir(parents=True, exist_ok=True)
     resolved = ml_collections.ConfigDict(config.to_dict())
     resolved.model.vocab_size = model.vocab_size
-    _atomic_write(out / CONFIG_FILE, resolved.to_json(indent=2) + "\n")
-    _atomic_write(out / MODEL_CONFIG_FILE, json.dumps(dataclasses.asdict(model), indent=2) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    if jax.process_index() != 0:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    if jax.process_index() == 0:
+        atomic.write_text(out / CONFIG_FILE, resolved.to_json(indent=2) + "\n")
+        atomic.write_text(out / MODEL_CONFIG_FILE, json.dumps(dataclasses.asdict(model), indent=2) + "\n")
 
 
 def run_mesh(config: ml_collections.ConfigDict) -> Mesh:
