@@ -15,7 +15,6 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-
         d = x.shape[-1]
         gate = Linear((d, self.d_ff), 1, ("embed", "mlp"), weight_init(cfg), cfg.dtype, name="gate_proj")(x)
         up = Linear((d, self.d_ff), 1, ("embed", "mlp"), weight_init(cfg), cfg.dtype, name="up_proj")(x)
