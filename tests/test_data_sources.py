@@ -1,6 +1,7 @@
 """Text sources: embedded stdlib corpus, local .txt/.jsonl/.parquet, Hugging Face datasets, bad input."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -214,3 +215,16 @@ def test_corrupt_parquet_names_the_file(tmp_path):
     f.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=re.escape(f"cannot read parquet file {f}")):
         list(FileSource(str(f)))
+
+
+def test_hf_dataset_token_cache_is_rebuilt_when_its_files_change(hf_dir, tmp_path):
+    from ultrathink_jax.data import load_tokens, train_tokenizer
+
+    tokenizer = train_tokenizer(["train 0 1 2 3 4 edited"], 300)
+    before, _ = load_tokens(HFSource(str(hf_dir), split="train", text_column="content"), tokenizer, tmp_path / "c")
+    data = hf_dir / "train.jsonl"
+    data.write_text(json.dumps({"content": "edited"}) + "\n")
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))  # a new mtime, even on coarse clocks
+    after, _ = load_tokens(HFSource(str(hf_dir), split="train", text_column="content"), tokenizer, tmp_path / "c")
+    assert after.tokens.tolist() == tokenizer.encode("edited") + [tokenizer.eos_id], \
+        f"same dataset name, edited file: got the cached tokens {after.tokens.tolist()} (before: {before.n_tokens})"
