@@ -90,6 +90,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
     mesh = sharding.make_mesh(dict(config.mesh))
     _check_batch(config, mesh)
     phases = Phases()
+    config = run_lib.keep_workdir_tokenizer_settings(workdir, config)
     with phases.time("tokenizer"):
         tokenizer = build_tokenizer(config.data, workdir)
     model = run_lib.resolve_model_config(config, tokenizer.vocab_size)
@@ -103,7 +104,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
     fns = step_functions(model, tuple(sorted(config.optim.items())), total, config.train.grad_accum,
                          config.train.z_loss_weight, mesh, layerskip.from_train_config(config.train, model.n_layers))
     store = run_lib.checkpoints(workdir, config)
-    progress = metrics_lib.Progress(total, enabled=is_main and config.log.progress, stream=out)
+    progress = metrics_lib.Progress(total, enabled=is_main, bar=config.log.progress, stream=out)
     writer = None
     stop = StopSignals(out).__enter__()  # from here on SIGTERM/SIGINT stop the run at a step boundary
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,6 +32,8 @@ from ultrathink_jax.train.state import strip_boxes
 CONFIG_FILE = "config.json"
 MODEL_CONFIG_FILE = "model_config.json"
 CHECKPOINT_DIR = "checkpoints"
+
+log = logging.getLogger(__name__)
 
 
 class RunNotFoundError(FileNotFoundError):
@@ -58,6 +61,29 @@ def checkpoints(workdir: str | os.PathLike, config: ml_collections.ConfigDict | 
     return Checkpoints(Path(workdir) / CHECKPOINT_DIR, max_to_keep=c.max_to_keep if c else 3,
                        async_save=c.async_save if c else False, read_only=read_only,
                        on_error=c.on_error if c else "stop")
+
+
+def keep_workdir_tokenizer_settings(workdir: str | os.PathLike, config: ml_collections.ConfigDict
+                                    ) -> ml_collections.ConfigDict:
+    """A workdir that has a tokenizer keeps it (its checkpoints were trained with it), so a data.tokenizer or
+    data.vocab_size that differs from the one that built it is warned about, naming both values, and replaced
+    by it in the returned config (config.json then keeps describing the tokenizer actually used)."""
+    if not (Path(workdir) / TOKENIZER_DIR / "tokenizer.json").is_file() or not (Path(workdir) / CONFIG_FILE).is_file():
+        return config
+    saved, new = load_config(workdir).data, config.data
+    fields = ["tokenizer"]
+    if not (new.tokenizer or saved.get("tokenizer")):  # both train a BPE: its size is the vocab_size asked for
+        fields.append("vocab_size")
+    differing = [f for f in fields if f in saved and saved[f] != new[f]]
+    if not differing:
+        return config
+    kept = ml_collections.ConfigDict(config.to_dict())
+    for f in differing:
+        log.warning("data.%s=%r is ignored: %s already holds the tokenizer its checkpoints were trained with "
+                    "(data.%s=%r); use a new --workdir to change the tokenizer", f, new[f],
+                    Path(workdir) / TOKENIZER_DIR, f, saved[f])
+        kept.data[f] = saved[f]
+    return kept
 
 
 def has_checkpoint(workdir: str | os.PathLike) -> bool:
