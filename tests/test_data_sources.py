@@ -3,14 +3,13 @@
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
 
+from conftest import shared_data
 from ultrathink_jax.data.errors import DataError, DataFileNotFoundError
 from ultrathink_jax.data.sources import FileSource, HFSource, StdlibCorpus, decode_utf8
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 # ------------------------------------------------------------------------------------------ stdlib corpus
@@ -94,9 +93,8 @@ def test_max_chars_caps_a_file_source(tmp_path):
     assert len(list(FileSource(str(tmp_path / "a.txt"), txt_split="line", max_chars=35))) == 4
 
 
-@pytest.mark.skipif(not (SHARED / "tinyshakespeare" / "input.txt").is_file(), reason="shared data absent")
 def test_tinyshakespeare_paragraphs_are_read_whole():
-    source = FileSource(str(SHARED / "tinyshakespeare" / "input.txt"), txt_split="paragraph")
+    source = FileSource(str(shared_data("tinyshakespeare/input.txt")), txt_split="paragraph")
     docs = list(source)
     assert len(docs) > 7000 and docs[0].startswith("First Citizen:"), (len(docs), docs[0][:20])
     assert source.stats.invalid_utf8 == 0

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import required_module
 from launch import export_hf
 from test_train_fixtures import tiny_config, write_corpus
 
@@ -36,8 +37,8 @@ def _local_data():
 @pytest.fixture(scope="module")
 def handoff(tmp_path_factory):
     """(workdir, hf_dir, results json, {task: samples}) after train -> export -> lm_eval."""
-    if importlib.util.find_spec("accelerate") is None:
-        pytest.skip("lm-eval's hf model imports accelerate: install lm-eval[hf] (accelerate) in the venv")
+    required_module("accelerate")  # lm-eval's hf model imports it (lm-eval[hf])
+    required_module("lm_eval")
     from ultrathink_jax.train import train
 
     root = tmp_path_factory.mktemp("lm_eval")
