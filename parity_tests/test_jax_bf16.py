@@ -95,4 +95,5 @@ def test_norms_in_float32_are_what_keeps_bf16_within_the_bound(monkeypatch):
     logits = jax.jit(lambda p, t: model_lib.Transformer(cfg).apply({"params": p}, *jm.inputs(t))[0])(params, tokens())
     bf16_norms = token_kl(fp32_logits("mixtral"), np.asarray(logits))
     assert bf16_norms.mean() > 1.5 * ours.mean(), f"bf16 norms {_summary(bf16_norms)} vs fp32 norms {_summary(ours)}"
-    assert bf16_norms.max() > BF16_KL_MAX, f"bf16 norms pass the bound: {_summary(bf16_norms)}, max bound {BF16_KL_MAX:g}"
+    assert bf16_norms.max() > BF16_KL_MAX, \
+        f"bf16 norms pass the bound: {_summary(bf16_norms)}, max bound {BF16_KL_MAX:g}"
