@@ -3,8 +3,9 @@
 The exported directories are loaded by `parity_tests/hf4_check.py` under a separate python whose transformers is
 4.x (`.venv-hf4/bin/python` at the repo root, or $ULTRATHINK_HF4_PYTHON); every 4.x test fails when there is
 none (`make test` builds it). Checked: loading with no missing / unexpected tensors as the expected class, logits
-vs JAX and vs transformers 5.x, greedy generation vs JAX, tokenizer ids vs ours and 5.x, a sharded bfloat16 export, a windowed
-dense (qwen2_moe) export, and the one layout 4.x refuses (qwen2_moe with an explicit head_dim), which export warns.
+vs JAX and vs transformers 5.x, greedy generation vs JAX, tokenizer ids vs ours and 5.x, a sharded bfloat16 export,
+a windowed dense (qwen2_moe) export, and the one layout 4.x refuses (qwen2_moe with an explicit head_dim), which
+export warns.
 """
 
 from __future__ import annotations
