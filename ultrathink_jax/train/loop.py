@@ -108,10 +108,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
     writer = None
     stop = StopSignals(out).__enter__()  # from here on SIGTERM/SIGINT stop the run at a step boundary
     try:
-        progress.message(_describe_data("train", train_iter.stats)
-                         + ("" if eval_batches is None else "; " + _describe_data("eval", eval_batches.stats)))
         with sharding.activate(mesh):
             state = _restore_or_init(config, model, fns.tx, mesh, store, train_iter, progress)
+            # after the restore: a workdir that cannot resume gets its one error line and nothing else
+            progress.message(_describe_data("train", train_iter.stats)
+                             + ("" if eval_batches is None else "; " + _describe_data("eval", eval_batches.stats)))
             # only now, with the checkpoint and data state accepted, may the run's files change
             run_lib.write_run_files(workdir, config, model)
             writer = metrics_lib.Writer(workdir / "tensorboard", enabled=is_main and config.log.tensorboard)
