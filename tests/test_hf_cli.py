@@ -69,7 +69,7 @@ def test_launch_train_resumes_an_imported_run_from_step_zero(imported):
 
     _, workdir, _ = imported
     config = load_config_file(str(workdir / "config.py"))
-    config.train.steps = 2
+    config.train.steps, config.optim.warmup_steps = 2, 1  # warmup must end before the run does
     result = train(config, workdir)
     assert (result.start_step, result.final_step) == (0, 2), f"run went {result.start_step} -> {result.final_step}"
     assert 0 in checkpoint_steps(workdir) and 2 in checkpoint_steps(workdir)
