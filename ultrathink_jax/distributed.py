@@ -9,12 +9,13 @@ A dead peer must not hang the others. JAX's coordination service notices a proce
 after `heartbeat_timeout_s`; by default it then aborts every other process with a C++ stack trace. We run the
 service in recoverable mode instead (a death is recorded, nothing is aborted) and a watchdog thread asks it every
 second which processes are alive: when one has died it prints one line and exits, so a rerun of the same commands
-resumes from the last checkpoint. (If process 0, which hosts the service, dies, the others lose the service
-itself and JAX terminates them at once with its own "Terminating process ... another task died" message.)
+resumes from the last checkpoint. Process 0 is no exception: the service runs in a process of its own
+(coordination_service.py) that outlives it, so its death too is a missed heartbeat the others report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -100,13 +101,37 @@ def initialize(settings: Settings, prog: str) -> bool:
     # CPU collectives across processes (no-op for GPU/TPU backends, which bring their own).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_enable_recoverability", True)  # see the module docstring: we report dead peers
-    jax.distributed.initialize(settings.coordinator_address, settings.num_processes, settings.process_id,
-                               initialization_timeout=settings.init_timeout_s,
-                               heartbeat_timeout_seconds=settings.heartbeat_timeout_s,
-                               shutdown_timeout_seconds=max(settings.heartbeat_timeout_s, 10))
+    from ultrathink_jax.coordination_service import ServiceStartError
+
+    try:
+        with _service_in_own_process():
+            jax.distributed.initialize(settings.coordinator_address, settings.num_processes, settings.process_id,
+                                       initialization_timeout=settings.init_timeout_s,
+                                       heartbeat_timeout_seconds=settings.heartbeat_timeout_s,
+                                       shutdown_timeout_seconds=max(settings.heartbeat_timeout_s, 10))
+    except ServiceStartError as e:
+        raise DistributedError(str(e)) from None
     _watchdog = _Watchdog(prog, settings.heartbeat_timeout_s)
     _watchdog.start()
     return True
+
+
+@contextlib.contextmanager
+def _service_in_own_process():
+    """Process 0's `jax.distributed.initialize` starts the service through this factory: JAX has no argument
+    for where the service runs, so its factory is swapped for that one call (whichever cluster detection ran,
+    it receives the bind address, process count and timeouts JAX resolved)."""
+    from jax._src import distributed as jax_distributed
+
+    from ultrathink_jax.coordination_service import ServiceProcess
+
+    module = jax_distributed._jax
+    in_process = module.get_distributed_runtime_service
+    module.get_distributed_runtime_service = ServiceProcess
+    try:
+        yield
+    finally:
+        module.get_distributed_runtime_service = in_process
 
 
 def finish(timeout_s: float = 60.0) -> None:
@@ -165,7 +190,8 @@ class _Watchdog(threading.Thread):
                     dead = []
             except Exception:  # the service itself is gone
                 if not self._stop_event.is_set():
-                    self._exit("lost the coordination service (process 0)")
+                    self._exit("lost the coordination service (its process on process 0's host died, or the "
+                               "network to it failed)")
                 return
             if dead and not self._stop_event.is_set():
                 self._exit(f"process(es) {dead} of {n} stopped responding (no heartbeat for "
