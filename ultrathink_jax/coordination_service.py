@@ -48,6 +48,7 @@ class ServiceProcess:
         ready = _readline(self._proc, _START_TIMEOUT_S)
         if ready != "ready":
             self._proc.kill()
+            self._proc.wait()
             raise ServiceStartError(f"the coordination service on {address} did not start: "
                                f"{ready or f'no answer in {_START_TIMEOUT_S}s'}")
 
