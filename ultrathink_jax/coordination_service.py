@@ -40,7 +40,6 @@ class ServiceProcess:
                  recoverable: bool):
         if not recoverable:  # the watchdog needs a death recorded, not propagated as an abort
             raise ValueError("the coordination service process runs in recoverable mode only")
-        self.address = address
         # -I: no script directory on sys.path (this package's module names must not shadow any others)
         argv = [address, str(num_nodes), str(heartbeat_timeout), str(shutdown_timeout)]
         self._proc = subprocess.Popen([sys.executable, "-I", __file__, *argv], stdin=subprocess.PIPE,
@@ -50,7 +49,7 @@ class ServiceProcess:
             self._proc.kill()
             self._proc.wait()
             raise ServiceStartError(f"the coordination service on {address} did not start: "
-                               f"{ready or f'no answer in {_START_TIMEOUT_S}s'}")
+                                    f"{ready or f'no answer in {_START_TIMEOUT_S}s'}")
 
     def shutdown(self) -> None:
         if self._proc.poll() is None:

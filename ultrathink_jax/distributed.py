@@ -24,6 +24,8 @@ import time
 
 import jax
 
+from ultrathink_jax.coordination_service import ServiceProcess, ServiceStartError
+
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 DEAD_PEER_EXIT_CODE = 3
 _DONE_KEY = "ultrathink/finished/"
@@ -101,8 +103,6 @@ def initialize(settings: Settings, prog: str) -> bool:
     # CPU collectives across processes (no-op for GPU/TPU backends, which bring their own).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_enable_recoverability", True)  # see the module docstring: we report dead peers
-    from ultrathink_jax.coordination_service import ServiceStartError
-
     try:
         with _service_in_own_process():
             jax.distributed.initialize(settings.coordinator_address, settings.num_processes, settings.process_id,
@@ -123,8 +123,6 @@ def _service_in_own_process():
     it receives the bind address, process count and timeouts JAX resolved)."""
     from jax._src import distributed as jax_distributed
 
-    from ultrathink_jax.coordination_service import ServiceProcess
-
     module = jax_distributed._jax
     in_process = module.get_distributed_runtime_service
     module.get_distributed_runtime_service = ServiceProcess
@@ -136,8 +134,8 @@ def _service_in_own_process():
 
 def finish(timeout_s: float = 60.0) -> None:
     """A clean, ordered exit: marks this process as finished (so no watchdog reports it), waits for every peer,
-    then disconnects; process 0, which hosts the service, goes last (recoverable mode has no shutdown barrier
-    of its own, and a peer still disconnecting from a vanished service is aborted by JAX)."""
+    then disconnects; process 0, whose child process hosts the service, goes last (recoverable mode has no
+    shutdown barrier of its own, and a peer still disconnecting from a vanished service is aborted by JAX)."""
     global _watchdog
     if _watchdog is None:
         return
