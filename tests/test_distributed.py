@@ -238,6 +238,19 @@ def test_a_coordinator_port_taken_by_another_program_is_one_error_line():
     assert not _service_processes(address)
 
 
+def test_an_unreachable_coordinator_is_one_error_line_after_the_init_timeout(tmp_path):
+    address = f"localhost:{_free_port()}"  # nothing listens there
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "launch.train", f"--workdir={tmp_path / 'run'}",
+                           f"--coordinator_address={address}", "--num_processes=2", "--process_id=1",
+                           "--init_timeout=2"], cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        f"launch.train: error: cannot reach the coordinator at {address} within 2s ([Errno 111] Connection "
+        "refused): is process 0 running, and its address reachable from this host?"], done.stderr[-3000:]
+    assert time.monotonic() - start < 60
+
+
 def test_train_eval_generate_clis_run_on_eight_devices_in_one_process(runs):
     root, _, _ = runs
     workdir = _only_checkpoint(root / "one", root / "cli", STEPS)

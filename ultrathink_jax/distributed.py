@@ -10,7 +10,8 @@ after `heartbeat_timeout_s`; by default it then aborts every other process with 
 service in recoverable mode instead (a death is recorded, nothing is aborted) and a watchdog thread asks it every
 second which processes are alive: when one has died it prints one line and exits, so a rerun of the same commands
 resumes from the last checkpoint. Process 0 is no exception: the service runs in a process of its own
-(coordination_service.py) that outlives it, so its death too is a missed heartbeat the others report.
+(coordination_service.py) that outlives it, so its death too is a missed heartbeat the others report. A
+coordinator that never answers is one DistributedError after `init_timeout_s`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import socket
 import sys
 import threading
 import time
@@ -104,7 +106,7 @@ def initialize(settings: Settings, prog: str) -> bool:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_enable_recoverability", True)  # see the module docstring: we report dead peers
     try:
-        with _service_in_own_process():
+        with _runtime_factories():
             jax.distributed.initialize(settings.coordinator_address, settings.num_processes, settings.process_id,
                                        initialization_timeout=settings.init_timeout_s,
                                        heartbeat_timeout_seconds=settings.heartbeat_timeout_s,
@@ -117,19 +119,42 @@ def initialize(settings: Settings, prog: str) -> bool:
 
 
 @contextlib.contextmanager
-def _service_in_own_process():
-    """Process 0's `jax.distributed.initialize` starts the service through this factory: JAX has no argument
-    for where the service runs, so its factory is swapped for that one call (whichever cluster detection ran,
-    it receives the bind address, process count and timeouts JAX resolved)."""
+def _runtime_factories():
+    """`jax.distributed.initialize` has no argument for where the service runs, nor for what its client does
+    when the coordinator is unreachable (it aborts with a C++ stack trace once `init_timeout` runs out), so the
+    two factories it calls are swapped for that one call. Whichever cluster detection ran, they receive the
+    addresses, process count and timeouts JAX resolved. Process 0's service runs in a process of its own; every
+    client first waits (within `init_timeout`) until the coordinator's port answers, else one DistributedError."""
     from jax._src import distributed as jax_distributed
 
     module = jax_distributed._jax
-    in_process = module.get_distributed_runtime_service
-    module.get_distributed_runtime_service = ServiceProcess
+    make_service, make_client = module.get_distributed_runtime_service, module.get_distributed_runtime_client
+
+    def client_once_reachable(address, node_id, *args, init_timeout, **kwargs):
+        waited = _wait_for_coordinator(address, init_timeout)
+        return make_client(address, node_id, *args, init_timeout=max(1, int(init_timeout - waited)), **kwargs)
+
+    module.get_distributed_runtime_service, module.get_distributed_runtime_client = (ServiceProcess,
+                                                                                   client_once_reachable)
     try:
         yield
     finally:
-        module.get_distributed_runtime_service = in_process
+        module.get_distributed_runtime_service, module.get_distributed_runtime_client = make_service, make_client
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> float:
+    """Seconds until a TCP connection to `address` (host:port) succeeds; DistributedError after `timeout_s`."""
+    host, _, port = address.rpartition(":")
+    start = time.monotonic()
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return time.monotonic() - start
+        except OSError as e:
+            if time.monotonic() - start >= timeout_s:
+                raise DistributedError(f"cannot reach the coordinator at {address} within {timeout_s}s ({e}): is "
+                                       "process 0 running, and its address reachable from this host?") from None
+            time.sleep(0.25)
 
 
 def finish(timeout_s: float = 60.0) -> None:
