@@ -28,6 +28,7 @@ from ultrathink_jax.layers.rotary import rope_tables
 from ultrathink_jax.model import Block, Transformer, layer_plan
 from ultrathink_jax.moe import moe_loss
 from ultrathink_jax.params import abstract_params
+from ultrathink_jax.tree import leaf_at
 
 VOCAB = 256
 _BASE = dict(vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=128, init_std=0.1,
@@ -206,15 +207,9 @@ def jax_tree_to_twin(cfg: ModelConfig, tree) -> dict[str, torch.Tensor]:
     named = {}
     for entry in tensor_table(cfg):
         if entry.layout != "zeros":
-            shape = np.shape(_leaf(tree, entry.jax_path))[len(entry.index):]
+            shape = np.shape(leaf_at(tree, entry.jax_path))[len(entry.index):]
             named[entry.hf_name] = torch.from_numpy(hf_tensor(tree, entry, lambda e: shape).copy())
     return to_twin_names(named, config_from_dict(to_hf_config(cfg)))
-
-
-def _leaf(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def safetensors_contents(directory: Path) -> dict[str, tuple]:

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from launch import common
+from ultrathink_jax.config_files import parse_config_args
 from ultrathink_jax import sharding
 from ultrathink_jax.train import load_run, train
 
@@ -71,7 +71,7 @@ def _train_two(workdir: Path, extra: Sequence[str] = ()) -> dict[int, float]:
 def _train_one(workdir: Path) -> tuple[dict[int, float], object]:
     import argparse
 
-    _, config = common.parse_config_args(argparse.ArgumentParser(), ["--config=configs/default.py", *OVERRIDES])
+    _, config = parse_config_args(argparse.ArgumentParser(), ["--config=configs/default.py", *OVERRIDES])
     result = train(config, workdir)
     return result.losses, result.params
 

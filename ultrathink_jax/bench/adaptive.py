@@ -19,9 +19,9 @@ THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
 
 
 def _config(train_file, eval_file, steps: int, layerskip: bool):
-    from launch.common import load_config_file
+    from ultrathink_jax.configs import base
 
-    config = load_config_file(str(REPO / "configs" / "base.py"))
+    config = base.get_config()
     config.model.update(vocab_size=0, d_model=128, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256,
                         tie_embeddings=True)
     config.data.update(train_files=str(train_file), eval_files=str(eval_file), txt_split="paragraph",
