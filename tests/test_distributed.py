@@ -161,8 +161,7 @@ def test_two_processes_streaming_their_own_shards_resume_like_an_uninterrupted_r
     # The checkpoint holds each process's own bounded state, in process order: what an iterator over that
     # process's part of the stream reports after the same rows.
     state = json.loads((tmp_path / "full" / "checkpoints" / str(saved) / "data" / "metadata").read_text())
-    _, config = common.parse_config_args(argparse.ArgumentParser(), ["--config=configs/default.py", *OVERRIDES,
-                                                                     *extra])
+    _, config = parse_config_args(argparse.ArgumentParser(), ["--config=configs/default.py", *OVERRIDES, *extra])
     d = config.data
     source = HFSource(d.hf_dataset, d.hf_config, d.hf_split, d.text_column, d.streaming, d.max_chars)
     tokenizer = load_tokenizer(tmp_path / "full" / "tokenizer")
