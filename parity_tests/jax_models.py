@@ -78,6 +78,14 @@ def text_batch(batch: int, length: int = SEQ, seed: int = 0, held_out: bool = Tr
     return np.stack([data[s:s + length] for s in starts])
 
 
+def text_documents(n: int, min_len: int, max_len: int, seed: int = 0) -> list[np.ndarray]:
+    """n consecutive pieces of the training text with random lengths in [min_len, max_len], to pack as documents
+    (byte 0, which Python sources never contain, is left free for an end-of-document id)."""
+    data = _text_bytes(_TRAIN_FILES)
+    ends = np.cumsum(np.random.default_rng(seed).integers(min_len, max_len + 1, n))
+    return np.split(data[:ends[-1]], ends[:-1])
+
+
 def random_batch(batch: int, length: int = SEQ, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, (batch, length), dtype=np.int32)
 
