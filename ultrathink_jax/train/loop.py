@@ -97,8 +97,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
 
     total = config.train.steps
     end = min(total, until_step) if until_step is not None else total
-    fns = step_functions(model, tuple(sorted(config.optim.items())), total, config.train.grad_accum,
-                         config.train.z_loss_weight, mesh, layerskip.from_train_config(config.train, model.n_layers))
+    fns = config_step_functions(config, model, mesh)
     store = run_lib.checkpoints(workdir, config)
     progress = metrics_lib.Progress(total, enabled=is_main, bar=config.log.progress, stream=out)
     writer = None
@@ -180,6 +179,12 @@ def step_functions(model: ModelConfig, optim_items: tuple, total_steps: int, gra
     train_step = steps_lib.jit_train_step(
         steps_lib.make_train_step(model, tx, schedule, grad_accum, z_loss_weight, layerskip_cfg), shardings, mesh)
     return StepFunctions(tx, shardings, train_step, steps_lib.make_eval_step(model, shardings.params, mesh))
+
+
+def config_step_functions(config: ml_collections.ConfigDict, model: ModelConfig, mesh) -> StepFunctions:
+    """The optimizer and jitted steps `train` runs for `config` (the parity suite drives the same ones)."""
+    return step_functions(model, tuple(sorted(config.optim.items())), config.train.steps, config.train.grad_accum,
+                          config.train.z_loss_weight, mesh, layerskip.from_train_config(config.train, model.n_layers))
 
 
 def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progress, train_iter, eval_batches,
