@@ -136,3 +136,17 @@ def test_early_exit_rejects_bad_settings(dense):
                     (EarlyExitConfig(0.5, min_layer=2), "early_exit_min_layer=2")]:
         with pytest.raises(GenerationError, match=msg):
             EarlyExitEngine(dense, ee)
+
+
+def test_speculative_and_early_exit_on_8_devices_match_one_device(dense):
+    from ultrathink_jax import sharding
+
+    ps = prompts(6, seed=5)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded = Engine(init(DENSE), DENSE, mesh)
+    got, _ = SpeculativeEngine(sharded, SpeculativeConfig(1, 3)).generate(ps, 12)
+    assert got == dense.generate(ps, 12)
+    for threshold in (1e-9, 1.0):  # every token exits after layer 0 (KV filled), or none does; one compile
+        ee = EarlyExitConfig(threshold)
+        (one, one_stats), (eight, eight_stats) = (EarlyExitEngine(e, ee).generate(ps, 12) for e in (dense, sharded))
+        assert eight == one and eight_stats.mean_depth == one_stats.mean_depth, (threshold, eight_stats, one_stats)
