@@ -12,10 +12,13 @@ import sys
 import time
 
 import ultrathink_jax.bench as bench_pkg
+from ultrathink_jax import cli
 from ultrathink_jax.bench import machine
+from ultrathink_jax.config import ConfigError
 
 SECTIONS_DIR = pathlib.Path("benchmarks")
 REPORT = pathlib.Path("BENCHMARKS.md")
+PROG = "launch.bench"
 
 
 def available() -> list[str]:
@@ -23,15 +26,18 @@ def available() -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--only", default="", help=f"comma-separated subset of {available()}")
     parser.add_argument("--quick", action="store_true", help="a smoke run: printed, not written to the report")
     args = parser.parse_args(argv)
+    return cli.run_main(PROG, lambda: run_benchmarks(args))
+
+
+def run_benchmarks(args: argparse.Namespace) -> int:
     names = [n for n in args.only.split(",") if n] or available()
     unknown = sorted(set(names) - set(available()))
     if unknown:
-        print(f"launch.bench: error: unknown benchmark(s) {unknown}; available: {available()}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"unknown benchmark(s) {unknown}; available: {available()}")
     for name in names:
         module = importlib.import_module(f"ultrathink_jax.bench.{name}")
         print(f"== {module.TITLE}", file=sys.stderr, flush=True)

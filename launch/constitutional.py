@@ -10,7 +10,7 @@ model pick the one that better follows a principle (the likelier of "(A)" / "(B)
 import argparse
 import sys
 
-from launch import common
+from ultrathink_jax import cli
 
 PROG = "launch.constitutional"
 DEFAULT_TEMPLATES = "examples/constitutional/templates.json"
@@ -18,9 +18,7 @@ DEFAULT_TEMPLATES = "examples/constitutional/templates.json"
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--workdir", help="a run directory (launch.train / import_hf / sft / dpo)")
-    source.add_argument("--hf_dir", help="a Hugging Face model directory")
+    cli.add_model_source(parser, "a run directory (launch.train / import_hf / sft / dpo)", step=False)
     parser.add_argument("--principles", required=True, help="jsonl of principles")
     parser.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with 'prompt'")
     parser.add_argument("--templates", default=DEFAULT_TEMPLATES, help="critique/revision/comparison templates")
@@ -62,7 +60,7 @@ def main(argv=None) -> int:
               + (f"; {counts['truncated_prompts']} prompts cut to the model's context" if counts["truncated_prompts"] else ""))
         return 0
 
-    return common.run_main(PROG, run)
+    return cli.run_main(PROG, run)
 
 
 if __name__ == "__main__":

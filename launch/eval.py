@@ -1,14 +1,15 @@
-"""Perplexity of a trained run on any text: `python -m launch.eval --workdir=RUN [--eval_files=...] [--step=N]`.
+"""Perplexity of a trained run on any text: `python -m launch.eval --workdir=RUN [--eval_files=...] [--step=N]
+[--mesh=tensor=2,fsdp=4]`.
 
 Scores every next-token pair of every document (the final partial row included), token-weighted; without
---eval_files it uses the run's configured held-out data.
+--eval_files it uses the run's configured held-out data, on the device mesh the run's config names.
 """
 
 import argparse
-import math
 import sys
 
 from launch import common
+from ultrathink_jax import cli
 
 PROG = "launch.eval"
 
@@ -19,12 +20,16 @@ def main(argv=None) -> int:
     parser.add_argument("--eval_files", default="", help="comma-separated files/globs/directories of text")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--batch_size", type=int, default=0, help="rows per batch (default: the run's)")
+    cli.add_mesh_flag(parser)
     common.add_distributed_args(parser)
     args = parser.parse_args(argv)
 
     def run() -> int:
         common.start_distributed(args, PROG)
-        result = evaluate_run(args.workdir, args.eval_files or None, args.step, args.batch_size)
+        from ultrathink_jax.train.perplexity import evaluate_run
+
+        result = evaluate_run(args.workdir, args.eval_files or None, args.step, args.batch_size,
+                              cli.mesh_from_flag(args.mesh))
         import jax
 
         if jax.process_index() == 0:  # every process computed the same global numbers
@@ -32,37 +37,7 @@ def main(argv=None) -> int:
                   f"over {result['tokens']} tokens ({result['source']})")
         return 0
 
-    return common.run_main(PROG, run)
-
-
-def evaluate_run(workdir: str, eval_files: str | None = None, step: int | None = None, batch_size: int = 0) -> dict:
-    """{'step', 'loss', 'perplexity', 'tokens', 'source'} of checkpoint `step` (default: the newest intact)."""
-    from ultrathink_jax import sharding
-    from ultrathink_jax.config import ConfigError
-    from ultrathink_jax.data import DataError, build_eval_iterator
-    from ultrathink_jax.train import evaluate
-    from ultrathink_jax.train.run import load_run_at
-    from ultrathink_jax.train.loop import data_parallel_size
-    from ultrathink_jax.train.steps import make_eval_step
-    from ultrathink_jax.params import param_shardings
-
-    if batch_size < 0:
-        raise ConfigError(f"--batch_size={batch_size} must be positive")
-    mesh = sharding.make_mesh({"fsdp": -1})
-    (model, params, tokenizer, config), step = load_run_at(workdir, step, mesh)
-    data = config.data
-    data.cache = False  # do not write token caches into the run directory for ad-hoc texts
-    if batch_size:
-        data.global_batch_size = batch_size
-    dp = data_parallel_size(mesh)
-    data.global_batch_size = -(-data.global_batch_size // dp) * dp  # padded rows carry weight 0
-    batches = build_eval_iterator(data, tokenizer, files=eval_files)
-    if batches is None:
-        raise DataError(f"run {workdir} has no held-out data configured; pass --eval_files")
-    with sharding.activate(mesh):
-        loss, n = evaluate(make_eval_step(model, param_shardings(model, mesh), mesh), params, batches, mesh)
-    source = eval_files or "the run's held-out data"
-    return {"step": step, "loss": loss, "perplexity": math.exp(loss), "tokens": int(n), "source": source}
+    return cli.run_main(PROG, run)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ layout llama.cpp cannot run (e.g. a leading dense layer in an MoE model) is refu
 import argparse
 import sys
 
-from launch import common
+from ultrathink_jax import cli
 
 PROG = "launch.export_gguf"
 
@@ -18,33 +18,24 @@ PROG = "launch.export_gguf"
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--workdir", help="a launch.train run directory")
-    source.add_argument("--hf_dir", help="a Hugging Face model directory (e.g. from launch.export_hf)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir (default: the latest)")
+    cli.add_model_source(parser)
     parser.add_argument("--out", required=True, help="output .gguf file")
     parser.add_argument("--dtype", default="f32", help="weight type: f32, f16, bf16 or q8_0 (norms stay f32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
-    if args.step is not None and args.hf_dir:
-        parser.error("--step applies to --workdir only")
+    cli.check_model_source(parser, args)
 
     def run() -> int:
-        from ultrathink_jax.hf import ExportError, HFFormatError
         from ultrathink_jax.hf.gguf_export import export_gguf_from_hf, export_gguf_from_run
 
-        try:
-            if args.workdir:
-                out = export_gguf_from_run(args.workdir, args.out, args.step, args.dtype, args.overwrite)
-            else:
-                out = export_gguf_from_hf(args.hf_dir, args.out, args.dtype, args.overwrite)
-        except (ExportError, HFFormatError) as e:
-            print(f"{PROG}: error: {common.one_line(e)}", file=sys.stderr)
-            return 2
+        if args.workdir:
+            out = export_gguf_from_run(args.workdir, args.out, args.step, args.dtype, args.overwrite)
+        else:
+            out = export_gguf_from_hf(args.hf_dir, args.out, args.dtype, args.overwrite)
         print(f"exported {args.workdir or args.hf_dir} to {out}")
         return 0
 
-    return common.run_main(PROG, run)
+    return cli.run_main(PROG, run)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import argparse
 import sys
 import warnings
 
-from launch import common
+from ultrathink_jax import cli
+from ultrathink_jax.errors import one_line
 
 PROG = "launch.export_hf"
 
@@ -30,25 +31,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> int:
-        from ultrathink_jax.hf import ExportError, HFCompatibilityWarning, HFFormatError
+        from ultrathink_jax.hf import HFCompatibilityWarning
         from ultrathink_jax.posttrain.export import export_any_run
 
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", HFCompatibilityWarning)
-                out = export_any_run(args.workdir, args.out, args.step, args.dtype, args.overwrite, args.peft)
-        except (ExportError, HFFormatError) as e:
-            print(f"{PROG}: error: {common.one_line(e)}", file=sys.stderr)
-            return 2
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", HFCompatibilityWarning)
+            out = export_any_run(args.workdir, args.out, args.step, args.dtype, args.overwrite, args.peft)
         for w in caught:
             if issubclass(w.category, HFCompatibilityWarning):
-                print(f"{PROG}: warning: {common.one_line(w.message)}", file=sys.stderr)
+                print(f"{PROG}: warning: {one_line(w.message)}", file=sys.stderr)
             else:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         print(f"exported {args.workdir} to {out}")
         return 0
 
-    return common.run_main(PROG, run)
+    return cli.run_main(PROG, run)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ The model section comes from DIR/config.json; the rest (data, optimizer, mesh, .
 import argparse
 import sys
 
-from launch import common
+from ultrathink_jax import cli
+from ultrathink_jax.config_files import parse_config_args
 
 PROG = "launch.import_hf"
 
@@ -20,20 +21,15 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True, help="new run directory (must hold no checkpoint)")
 
     def run() -> int:
-        args, config = common.parse_config_args(parser, argv)
-        from ultrathink_jax.hf import ExportError, HFFormatError
+        args, config = parse_config_args(parser, argv)
         from ultrathink_jax.hf.run import import_run
 
-        try:
-            workdir = import_run(args.hf_dir, args.workdir, config)
-        except (ExportError, HFFormatError) as e:
-            print(f"{PROG}: error: {common.one_line(e)}", file=sys.stderr)
-            return 2
+        workdir = import_run(args.hf_dir, args.workdir, config)
         print(f"imported {args.hf_dir} into {workdir}; fine-tune with: "
               f"python -m launch.train --config={workdir}/config.py --workdir={workdir}")
         return 0
 
-    return common.run_main(PROG, run)
+    return cli.run_main(PROG, run)
 
 
 if __name__ == "__main__":

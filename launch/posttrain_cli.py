@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch import common
+from ultrathink_jax import cli
+from ultrathink_jax.config_files import parse_config_args
 
 
 def main(prog: str, objective: str, doc: str, argv=None) -> int:
@@ -19,7 +20,7 @@ def main(prog: str, objective: str, doc: str, argv=None) -> int:
         given = list(sys.argv[1:] if argv is None else argv)
         if not any(a == "--config" or a.startswith("--config=") for a in given):
             given.insert(0, f"--config=configs/{objective}.py")
-        args, config = common.parse_config_args(parser, given)
+        args, config = parse_config_args(parser, given)
         from ultrathink_jax.config import ConfigError
         from ultrathink_jax.posttrain.loop import fine_tune
 
@@ -35,4 +36,4 @@ def main(prog: str, objective: str, doc: str, argv=None) -> int:
               + (f"; held-out {summary}" if summary else ""))
         return 0
 
-    return common.run_main(prog, run)
+    return cli.run_main(prog, run)

@@ -11,7 +11,8 @@ import argparse
 import sys
 import time
 
-from launch import common
+from ultrathink_jax import cli
+from ultrathink_jax.config_files import parse_config_args
 
 PROG = "launch.tokenize"
 
@@ -23,7 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--progress", default="true", choices=["true", "false"], help="show a progress bar")
 
     def run() -> int:
-        args, config = common.parse_config_args(parser, argv)
+        args, config = parse_config_args(parser, argv)
         from ultrathink_jax.data import build_tokenizer, train_source
         from ultrathink_jax.data.shards import prepare
 
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
               f"sha256 {source['content_sha256'][:16]}) in {seconds:.1f}s")
         return 0
 
-    return common.run_main(PROG, run)
+    return cli.run_main(PROG, run)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import argparse
 import sys
 
 from launch import common
+from ultrathink_jax import cli
+from ultrathink_jax.config_files import parse_config_args
 
 PROG = "launch.train"
 
@@ -23,7 +25,7 @@ def main(argv=None, compile_cache: bool = False) -> int:
     common.add_distributed_args(parser)
 
     def run() -> int:
-        args, config = common.parse_config_args(parser, argv)
+        args, config = parse_config_args(parser, argv)
         common.start_distributed(args, PROG)
         from ultrathink_jax.train import train
 
@@ -34,7 +36,7 @@ def main(argv=None, compile_cache: bool = False) -> int:
         train(config, args.workdir)
         return 0
 
-    return common.run_main(PROG, run)
+    return cli.run_main(PROG, run)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from ultrathink_jax.hf.gguf_export import GGUFLayoutError, export_gguf, gguf_ref
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_PYTHON = Path(os.environ.get("ULTRATHINK_LLAMA_PYTHON") or REPO / ".venv-llama" / "bin" / "python")
 CHECK_SCRIPT = REPO / "parity_tests" / "llamacpp_check.py"
-GPT2_TOKENIZER = REPO.parent / "shared" / "data" / "gpt2-tokenizer"
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 NEW_TOKENS = 32
 EDGE_TEXT = "def split(s, comments=False):\n    return <|endoftext|> h\u00e9llo  w\u00f6rld\t\n  x's 12345 \u4e2d\u6587!\n\n"
@@ -41,7 +40,7 @@ def tokenizers():
     from ultrathink_jax.data import load_tokenizer, train_tokenizer
 
     text = (Path(sysconfig.get_paths()["stdlib"]) / "shlex.py").read_text()
-    return {"bpe": train_tokenizer([text], vocab_size=300), "gpt2": load_tokenizer(GPT2_TOKENIZER)}
+    return {"bpe": train_tokenizer([text], vocab_size=300), "gpt2": load_tokenizer("builtin:gpt2")}
 
 
 def model_config(name: str, vocab: int):

@@ -12,6 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch import common  # noqa: E402
+from ultrathink_jax import cli  # noqa: E402
+from ultrathink_jax.config_files import parse_config_args  # noqa: E402
 
 
 def main() -> int:
@@ -21,7 +23,7 @@ def main() -> int:
     common.add_distributed_args(parser)
 
     def run() -> int:
-        args, config = common.parse_config_args(parser, sys.argv[1:])
+        args, config = parse_config_args(parser, sys.argv[1:])
         common.start_distributed(args, "driver")
         import jax
 
@@ -32,7 +34,7 @@ def main() -> int:
             Path(args.losses).write_text(json.dumps({str(k): v for k, v in result.losses.items()}))
         return 0
 
-    return common.run_main("driver", run)
+    return cli.run_main("driver", run)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_as_latest(saved, tmp
 
 
 def test_resuming_a_workdir_with_a_different_model_shape_names_the_fields(tmp_path):
-    from configs import base
+    from ultrathink_jax.configs import base
 
     config = base.get_config()
     run.write_run_files(tmp_path, config, CONFIG)

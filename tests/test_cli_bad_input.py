@@ -60,6 +60,7 @@ CASES = [
     ("eval-damaged-step", "eval", ["--workdir={damaged_run}", "--step=0"], "is damaged"),
     ("eval-binary-file", "eval", ["--workdir={run}", "--eval_files={binary}"], "is not UTF-8 text"),
     ("eval-missing-file", "eval", ["--workdir={run}", "--eval_files={absent}"], "absent"),
+    ("eval-mesh-too-big", "eval", ["--workdir={run}", "--mesh=fsdp=16"], "need 16 devices, 8 available"),
     # launch.export_hf
     ("export-not-a-run", "export_hf", ["--workdir={absent}", "--out={fresh}/hf"], "not a training run"),
     ("export-damaged-step-keeps-existing-output", "export_hf", ["--workdir={damaged_run}", "--step=0",
@@ -71,6 +72,7 @@ CASES = [
     ("generate-pickle-as-safetensors", "generate", ["--hf_dir={hf_pickle_named_safetensors}", "--prompt=x"],
      "not a readable safetensors file"),
     ("generate-missing-prompt-file", "generate", ["--workdir={run}", "--prompt_file={absent}"], "absent"),
+    ("generate-malformed-mesh", "generate", ["--workdir={run}", "--prompt=x", "--mesh=tensor"], "is not axis=size"),
     # launch.import_hf
     ("import-missing-tensor", "import_hf", ["--hf_dir={hf_missing_tensor}", "--workdir={fresh}/w", "--config={config}"],
      "missing tensor"),

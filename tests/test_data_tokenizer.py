@@ -1,4 +1,5 @@
-"""Tokenizer: GPT-2 files, trained byte-level BPE, save -> AutoTokenizer reload, clear errors."""
+"""Tokenizer: the shipped GPT-2 tokenizer (and the original files it was made from), trained byte-level BPE,
+save -> AutoTokenizer reload, clear errors."""
 
 import json
 import re
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ultrathink_jax.data.errors import DataFileNotFoundError, TokenizerError
-from ultrathink_jax.data.tokenizer import ENDOFTEXT, load_tokenizer, train_tokenizer
+from ultrathink_jax.data.tokenizer import BUILTIN, ENDOFTEXT, load_tokenizer, train_tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GPT2 = SHARED / "gpt2-tokenizer"
@@ -26,26 +27,41 @@ def trained():
     return train_tokenizer(TEXTS, vocab_size=400)
 
 
-@needs_gpt2
-def test_gpt2_files_give_the_gpt2_vocabulary_and_eos():
-    tok = load_tokenizer(GPT2)
+def test_shipped_gpt2_tokenizer_has_the_gpt2_vocabulary_and_eos():
+    tok = load_tokenizer("builtin:gpt2")
     assert tok.vocab_size == 50257, tok.vocab_size
     assert tok.eos_id == 50256 and tok.eos_token == ENDOFTEXT
     assert tok.bos_id == tok.pad_id == 50256
     assert tok.encode("Hello world") == [15496, 995], tok.encode("Hello world")
+    assert tok.decode(tok.encode(SENTENCE)) == SENTENCE
+
+
+def test_shipped_gpt2_directory_loads_in_transformers_with_the_same_ids():
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(BUILTIN["gpt2"]))
+    ids = hf(SENTENCE)["input_ids"]
+    assert ids and ids == load_tokenizer("builtin:gpt2").encode(SENTENCE), ids
+    assert (hf.eos_token_id, hf.bos_token_id, hf.pad_token_id) == (50256, 50256, 50256)
+
+
+def test_unknown_builtin_tokenizer_names_the_shipped_ones():
+    with pytest.raises(TokenizerError, match=r"unknown built-in tokenizer 'builtin:gpt3'; shipped: \['builtin:gpt2'\]"):
+        load_tokenizer("builtin:gpt3")
 
 
 @needs_gpt2
-def test_gpt2_pair_path_loads_the_same_tokenizer_as_its_directory():
-    pair = load_tokenizer(f"{GPT2 / 'vocab.json'},{GPT2 / 'merges.txt'}")
-    assert pair.encode(SENTENCE) == load_tokenizer(GPT2).encode(SENTENCE)
+def test_shipped_gpt2_tokenizer_encodes_as_the_original_vocab_and_merges_files():
+    original = load_tokenizer(f"{GPT2 / 'vocab.json'},{GPT2 / 'merges.txt'}")
+    text = SENTENCE + " " + " ".join(TEXTS[:3]) + ENDOFTEXT
+    assert original.encode(text) == load_tokenizer("builtin:gpt2").encode(text)
+    assert original.encode(text) == load_tokenizer(GPT2).encode(text)  # the directory form of the same files
 
 
-@needs_gpt2
 def test_gpt2_saved_tokenizer_reloads_in_transformers_with_the_same_ids(tmp_path):
     from transformers import AutoTokenizer
 
-    tok = load_tokenizer(GPT2)
+    tok = load_tokenizer("builtin:gpt2")
     tok.save(tmp_path)
     hf = AutoTokenizer.from_pretrained(str(tmp_path))
     assert hf(SENTENCE)["input_ids"] == tok.encode(SENTENCE)

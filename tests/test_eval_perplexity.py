@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from launch.eval import evaluate_run
+from ultrathink_jax.train.perplexity import evaluate_run
 from test_train_fixtures import make_run_dir, tiny_config, write_corpus
 from ultrathink_jax.data import load_tokenizer
 from ultrathink_jax.model import Transformer

@@ -12,6 +12,7 @@ from launch import generate as cli
 from model_fixtures import tiny_config
 from ultrathink_jax.data import train_tokenizer
 from ultrathink_jax.generate import generate
+from ultrathink_jax.generate.stream import OrderedStream
 from ultrathink_jax.hf import export_params
 from ultrathink_jax.params import abstract_params
 
@@ -65,7 +66,7 @@ def test_a_later_row_is_held_until_the_rows_before_it_are_done(hf_model):
     _, _, _, tokenizer = hf_model
     out = io.StringIO()
     a, b = tokenizer.encode(" fox"), tokenizer.encode(" dog")
-    stream = cli.OrderedStream(tokenizer, ["[0]", "[1]"], ["A", "B"], [2, 2], tokenizer.eos_id, out)
+    stream = OrderedStream(tokenizer, ["[0]", "[1]"], ["A", "B"], [2, 2], tokenizer.eos_id, out)
     stream(1, b[0])
     assert out.getvalue() == "[0]\nA", "row 1 must wait for row 0"
     stream(0, a[0])

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from launch import export_hf, import_hf
-from launch.common import load_config_file
+from ultrathink_jax.config_files import load_config_file
 from test_train_fixtures import tiny_config, write_corpus
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.data import train_tokenizer

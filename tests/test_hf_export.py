@@ -134,9 +134,21 @@ def test_sharded_export_writes_an_index_and_round_trips(tmp_path):
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors", files
     assert not (tmp_path / "model.safetensors").exists()
-    total = sum(t.nbytes for f in files for t in load_file(tmp_path / f).values())
-    assert index["metadata"]["total_size"] == total
+    contents = [load_file(tmp_path / f) for f in files]
+    assert index["metadata"] == {"total_size": sum(t.nbytes for c in contents for t in c.values()),
+                                 "total_parameters": sum(t.size for c in contents for t in c.values())}
+    assert {n: f for f, c in zip(files, contents) for n in c} == index["weight_map"]
+    sizes = [sum(t.nbytes for t in c.values()) for c in contents]
+    assert all(s <= 40_000 for s in sizes), sizes
     assert not trees_bitwise_equal(params, load_hf(tmp_path)[1])
+
+
+def test_export_names_a_parameter_missing_from_the_tree(tmp_path):
+    cfg = config("llama")
+    params = random_params(cfg)
+    del params["final_norm"]
+    with pytest.raises(ExportError, match="parameter final_norm/scale is missing from the parameter tree"):
+        export_params(params, cfg, tmp_path)
 
 
 def test_safetensors_files_carry_pt_format_metadata(tmp_path):

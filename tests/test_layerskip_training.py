@@ -206,7 +206,7 @@ def test_trainer_logs_exit_losses_and_resumes_layer_dropout_exactly(tmp_path, ca
 
 
 def test_the_trainer_config_check_covers_the_layerskip_fields():
-    from configs import base
+    from ultrathink_jax.configs import base
     from ultrathink_jax.train.config import validate
 
     config = base.get_config()

@@ -12,7 +12,7 @@ SIZES = ["tiny", "small", "medium", "large", "xl"]
 
 
 def model_of(name: str) -> ModelConfig:
-    fields = dict(importlib.import_module(f"configs.{name}").get_config().model)
+    fields = dict(importlib.import_module(f"ultrathink_jax.configs.{name}").get_config().model)
     fields["vocab_size"] = fields["vocab_size"] or 2048  # 0 = the tokenizer's size, resolved by the trainer
     return ModelConfig(**fields)
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ultrathink_jax.activations import ACTIVATION_FNS
 from ultrathink_jax.moe import dispatch
-from ultrathink_jax.layers.mlp import ACTIVATION_FNS
 
 B, T, D, F, E, K = 2, 12, 8, 16, 4, 2
 

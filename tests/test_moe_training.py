@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from configs import base
+from ultrathink_jax.configs import base
 from ultrathink_jax.train import train
 
 E = 8

@@ -36,7 +36,7 @@ def _write(path, rows):
 
 
 def _post_config(init, train, eval_file, steps, **posttrain):
-    from configs import sft as sft_config
+    from ultrathink_jax.configs import sft as sft_config
 
     config = sft_config.get_config()
     small = tiny_config(train, **{"model.max_seq_len": 64})

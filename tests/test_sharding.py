@@ -84,3 +84,13 @@ def test_mesh_sizes_are_validated():
     with pytest.raises(sharding.MeshError, match="unknown axis"):
         sharding.make_mesh({"model": 2})
     assert sharding.mesh_shape({"tensor": 2, "fsdp": -1}, 8) == (1, 4, 2, 1)
+
+
+@pytest.mark.parametrize("axes,expected", [({"fsdp": 8}, 8), ({"data": 2, "fsdp": 2, "tensor": 2}, 4),
+                                           ({"expert": 4, "tensor": 2}, 4), ({"tensor": 8}, 1)])
+def test_data_parallel_size_counts_the_devices_one_batch_is_split_over(axes, expected):
+    mesh = sharding.make_mesh(axes)
+    rows = np.arange(16)
+    placed = jax.device_put(rows, sharding.batch_sharding(mesh, 1))  # what batch_sharding really does
+    distinct = {tuple(np.asarray(s.data)) for s in placed.addressable_shards}
+    assert sharding.data_parallel_size(mesh) == len(distinct) == expected, distinct

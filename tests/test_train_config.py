@@ -1,16 +1,19 @@
 """Config sections, presets and throughput accounting: defaults validate, bad values are named, FLOPs add up."""
 
+import argparse
 import io
+import logging
 
 import jax
 import numpy as np
 import pytest
 
-from configs import base, benchmark, default
-from ultrathink_jax import metrics
+from ultrathink_jax import config_files, metrics
 from ultrathink_jax.config import ConfigError, ModelConfig
+from ultrathink_jax.configs import base, benchmark, default
 from ultrathink_jax.params import abstract_params
-from ultrathink_jax.train.config import validate
+from ultrathink_jax.train.config import validate, warmup_steps
+from ultrathink_jax.train.optim import learning_rate_schedule
 from ultrathink_jax.train.run import resolve_model_config
 from ultrathink_jax.train.state import strip_boxes
 
@@ -26,15 +29,38 @@ def test_benchmark_config_reproduces_the_original_settings():
     c = benchmark.get_config()
     validate(c)
     o = c.optim
-    assert (o.learning_rate, o.weight_decay, o.warmup_steps, o.schedule, o.grad_clip) == \
+    assert (o.learning_rate, o.weight_decay, warmup_steps(o, c.train.steps), o.schedule, o.grad_clip) == \
         (3e-4, 0.1, 2000, "cosine", 1.0)
     assert (c.train.grad_accum, c.data.seq_len, c.model.vocab_size, c.model.rope_theta) == (4, 2048, 50257, 10000.0)
+    assert (c.data.global_batch_size, c.data.tokenizer, c.model.dtype) == (32, "builtin:gpt2", "bfloat16")
+
+
+def test_warmup_is_a_fraction_of_the_steps_so_overriding_steps_scales_it():
+    _, config = config_files.parse_config_args(argparse.ArgumentParser(), ["--config=configs/small.py",
+                                                                     "--config.train.steps=2000"])
+    assert (config.optim.warmup_steps, config.optim.warmup_fraction) == (-1, 0.02)
+    assert warmup_steps(config.optim, config.train.steps) == 40
+    lr = learning_rate_schedule(config.optim, config.train.steps)
+    peak = config.optim.learning_rate
+    assert float(lr(38)) < peak and float(lr(39)) == pytest.approx(peak) and float(lr(1000)) < peak
+
+
+def test_explicit_warmup_steps_take_precedence_over_the_fraction():
+    config = default.get_config()
+    config.optim.update(warmup_steps=7, warmup_fraction=0.5)
+    assert warmup_steps(config.optim, config.train.steps) == 7
+    config.optim.warmup_steps = 0
+    lr = learning_rate_schedule(config.optim, config.train.steps)
+    assert float(lr(0)) == pytest.approx(config.optim.learning_rate)
 
 
 @pytest.mark.parametrize("key, value, message", [
     ("optim.schedule", "exponential", "optim.schedule='exponential' must be one of"),
     ("train.grad_accum", 3, "data.global_batch_size=16 must be divisible by train.grad_accum=3"),
     ("checkpoint.max_to_keep", 0, "checkpoint.max_to_keep=0 must be positive"),
+    ("optim.warmup_steps", 100_000, "optim.warmup_steps=100000 must be < train.steps=100000 (the whole run would"),
+    ("optim.warmup_steps", -2, "optim.warmup_steps=-2 must be >= 0, or -1 = warmup_fraction"),
+    ("optim.warmup_fraction", 1.0, "optim.warmup_fraction=1.0 must be in"),
 ])
 def test_unusable_values_are_named(key, value, message):
     config = base.get_config()
@@ -51,6 +77,25 @@ def test_vocab_size_zero_takes_the_tokenizer_vocabulary_rounded_up_to_64():
     config.model.vocab_size = 1000
     with pytest.raises(ConfigError, match="model.vocab_size=1000 is smaller than the tokenizer's vocabulary"):
         resolve_model_config(config, 2000)
+
+
+@pytest.mark.parametrize("model_vocab, tokenizer_vocab", [(50304, 50257), (151936, 151665), (2048, 2048)])
+def test_a_model_vocabulary_padded_past_the_tokenizer_is_accepted_silently(model_vocab, tokenizer_vocab, caplog):
+    config = default.get_config()
+    config.model.vocab_size = model_vocab
+    with caplog.at_level(logging.WARNING):
+        assert resolve_model_config(config, tokenizer_vocab).vocab_size == model_vocab
+    assert not caplog.records, caplog.text
+
+
+def test_a_model_vocabulary_far_beyond_the_tokenizer_warns_with_both_sizes(caplog):
+    config = default.get_config()
+    config.model.vocab_size = 50257  # e.g. a GPT-2-sized model given the 8192-token BPE trained without data.tokenizer
+    with caplog.at_level(logging.WARNING):
+        resolve_model_config(config, 8192)
+    assert [r.getMessage() for r in caplog.records] == [
+        "config: model.vocab_size=50257 but the tokenizer has 8192 tokens: 42065 embedding rows (84%) are never "
+        "used; set model.vocab_size=0 to size the model from the tokenizer, or a data.tokenizer of that size"]
 
 
 def test_seq_len_beyond_the_model_context_is_refused():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from configs import base
+from ultrathink_jax.configs import base
 
 WORDS = ("the cat sat on a mat . a dog ran to the park . birds sing in trees . "
          "we read old books . rain falls on the roof .").split()

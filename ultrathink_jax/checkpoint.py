@@ -27,6 +27,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ultrathink_jax import atomic
+from ultrathink_jax.errors import one_line
+
 log = logging.getLogger(__name__)
 
 CHECKSUMS = "checksums.json"
@@ -46,7 +49,8 @@ class CheckpointSaveError(CheckpointError):
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split(". See full TensorStore")[0].split())[:300] or type(e).__name__
+    """TensorStore appends a long debug trailer to its messages; the first part is what the user needs."""
+    return one_line(e).split(". See full TensorStore")[0][:300]
 
 
 def _crc32(path: Path) -> int:
@@ -165,9 +169,7 @@ class Checkpoints:
                 raise OSError("orbax did not commit it")
             if jax.process_index() == 0:
                 step_dir = self.directory / str(step)
-                tmp = step_dir / (CHECKSUMS + ".tmp")
-                tmp.write_text(json.dumps(_file_sums(step_dir)))
-                os.replace(tmp, step_dir / CHECKSUMS)
+                atomic.write_text(step_dir / CHECKSUMS, json.dumps(_file_sums(step_dir)))
         except Exception as e:
             self._save_failed(step, e)
             return

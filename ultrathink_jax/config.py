@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")  # Hugging Face `hidden_act` names
+from ultrathink_jax.activations import ACTIVATIONS  # Hugging Face `hidden_act` names
+
 REMAT_POLICIES = ("none", "dots_saveable", "full")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")

@@ -7,6 +7,7 @@ new plan (pure data parallel, FSDP, FSDP x tensor, experts) never touches a laye
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -76,6 +77,17 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """`tensor=2,fsdp=4` -> {"tensor": 2, "fsdp": 4}, the command-line form of a config's mesh section."""
+    sizes = {}
+    for part in text.split(","):
+        axis, sep, size = part.partition("=")
+        if not sep or not size.strip().lstrip("-").isdigit():
+            raise MeshError(f"--mesh: {part!r} is not axis=size (e.g. tensor=2,fsdp=4)")
+        sizes[axis.strip()] = int(size)
+    return sizes
+
+
 def logical_to_spec(logical_axes: Sequence[str | None]) -> PartitionSpec:
     return nn.logical_to_mesh_axes(logical_axes, LOGICAL_AXIS_RULES)
 
@@ -101,6 +113,13 @@ def state_shardings(mesh: Mesh, abstract_state: Any) -> Any:
     return jax.tree.map(
         lambda spec: logical_sharding(mesh, tuple(spec)), logical_specs,
         is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the batch is split on `mesh`: the product of the mesh axes the table gives `act_batch`."""
+    spec = logical_to_spec(("act_batch",))
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    return math.prod(mesh.shape[a] for a in axes if a is not None)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

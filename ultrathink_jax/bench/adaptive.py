@@ -21,9 +21,9 @@ SPECULATIVE = ((1, 2), (1, 4), (1, 6), (2, 4), (3, 4))  # (draft layers, k)
 
 
 def _config(train_file, eval_file, steps: int, layerskip: bool):
-    from launch.common import load_config_file
+    from ultrathink_jax.configs import base
 
-    config = load_config_file(str(REPO / "configs" / "base.py"))
+    config = base.get_config()
     config.model.update(vocab_size=0, d_model=128, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256,
                         tie_embeddings=True)
     config.data.update(train_files=str(train_file), eval_files=str(eval_file), txt_split="paragraph",

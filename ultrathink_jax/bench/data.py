@@ -59,12 +59,11 @@ def _step_rows_per_second(cfg, rows_iter) -> tuple[float, str]:
 
 
 def run(quick: bool = False) -> str:
-    from launch.common import load_config_file
+    from ultrathink_jax.configs import default
     from ultrathink_jax.data import FileSource, TrainIterator, train_tokenizer
     from ultrathink_jax.data.shards import PreparedDataset, ShardRows, prepare
 
-    repo = Path(__file__).resolve().parents[2]
-    cfg = load_config_file(str(repo / "configs" / "default.py"))
+    cfg = default.get_config()
     target = (10 if quick else 100) * MB
     lines = []
     with tempfile.TemporaryDirectory() as tmp:

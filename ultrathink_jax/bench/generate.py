@@ -16,20 +16,16 @@ from ultrathink_jax.config import ModelConfig
 TITLE = "Generation: time to first token and decode tokens/s (JAX vs PyTorch twin vs transformers)"
 PROMPT_LEN = 32
 TORCH_THREADS = 2
-REPO = pathlib.Path(__file__).resolve().parents[2]
+PRESETS = ("default", "moe_default")
 
 
 def _model_config(preset: str) -> ModelConfig:
     """The preset's model as training builds it (vocab_size 0 = sized from the configured tokenizer)."""
-    from launch.common import load_config_file
+    from ultrathink_jax import configs
     from ultrathink_jax.train.run import resolve_model_config
 
-    config = load_config_file(str(REPO / "configs" / f"{preset}.py"))
+    config = configs.get(preset)
     return resolve_model_config(config, config.data.vocab_size)
-
-
-def _presets() -> list[str]:
-    return [p for p in ("default", "moe_default") if (REPO / "configs" / f"{p}.py").is_file()]
 
 
 def _params(config: ModelConfig):
@@ -115,7 +111,7 @@ def run(quick: bool) -> str:
     n_new, repeats = (8, 1) if quick else (64, 5)
     batches = (1,) if quick else (1, 8)
     rows = []
-    for preset in _presets():
+    for preset in PRESETS:
         config = _model_config(preset)
         params = _params(config)
         with tempfile.TemporaryDirectory() as tmp:

@@ -25,7 +25,7 @@ RAGGED = "moe dropless (ragged_dot, forced)"
 
 
 def _configs(quick: bool) -> tuple[dict[str, ModelConfig], int, int]:
-    from configs import moe_default
+    from ultrathink_jax.configs import moe_default
 
     config = moe_default.get_config()
     fields = dict(config.model)

@@ -35,7 +35,7 @@ class Case:
 
 
 def cases(quick: bool) -> list[Case]:
-    from configs import default, moe_default
+    from ultrathink_jax.configs import default, moe_default
 
     if quick:  # a smoke run: tiny shapes, every code path (dense, dropless and capacity MoE, both twins)
         def tiny(config, **model):

@@ -14,7 +14,3 @@ class DataFileNotFoundError(FileNotFoundError, DataError):
 class TokenizerError(DataError):
     """A tokenizer that cannot be read or used; the message names the path."""
 
-
-def one_line(exc: BaseException) -> str:
-    """Library messages (tokenizers, pyarrow) can span lines; errors here promise a single line."""
-    return " ".join(str(exc).split()) or type(exc).__name__

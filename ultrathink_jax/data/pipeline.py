@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -22,7 +21,9 @@ import grain
 import ml_collections
 import numpy as np
 
+from ultrathink_jax import atomic
 from ultrathink_jax.data import config as data_config
+from ultrathink_jax.data.batch_slice import process_slice
 from ultrathink_jax.data.errors import DataError
 from ultrathink_jax.data.packing import TokenStream, empty_row, num_rows, pack_documents, pack_row, stack_rows
 from ultrathink_jax.data.shards import PreparedDataset, ShardRows, prepare
@@ -140,29 +141,12 @@ def load_tokens(source: TextSource, tokenizer: Tokenizer, cache_dir: str | os.Pa
                     stats["invalid_utf8"])
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.name + ".", suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
+        with atomic.atomic_open(cache_file, "wb") as f:
             np.savez(f, tokens=stream.tokens, doc_starts=stream.doc_starts, stats=np.array(json.dumps(stats)))
-        os.replace(tmp, cache_file)
     return stream, stats
 
 
 # ----------------------------------------------------------------------------------------------- batches
-
-def _process_slice(global_batch_size: int, process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    if process_index is None or process_count is None:
-        import jax  # only asked when the caller did not say; tests pass both explicitly
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise DataError(f"process_index={process_index} must be in [0, process_count={process_count})")
-    if global_batch_size % process_count:
-        raise DataError(f"data config: global_batch_size={global_batch_size} must be divisible by the "
-                        f"process count {process_count}")
-    local = global_batch_size // process_count
-    return process_index * local, local
-
 
 class _LocalBatch:
     """Global row ids of one batch -> this process's rows, packed. Id -1 = padding row (evaluation). With a
@@ -207,7 +191,7 @@ class TrainIterator:
         self.stats = stats
         self.seq_len = cfg.seq_len
         self.global_batch_size = cfg.global_batch_size
-        offset, self.local_batch_size = _process_slice(cfg.global_batch_size, process_index, process_count)
+        offset, self.local_batch_size = process_slice(cfg.global_batch_size, process_index, process_count)
         components = [(ShardRows([data], cfg.seq_len, pad_id), 1.0)] if isinstance(data, TokenStream) else data
         for rows, _ in components:
             if rows.n_rows == 0:
@@ -256,7 +240,7 @@ class EvalBatches:
     def __init__(self, stream: TokenStream, stats: dict, cfg: ml_collections.ConfigDict, pad_id: int,
                  process_index: int | None = None, process_count: int | None = None):
         self.stats = stats
-        offset, self.local_batch_size = _process_slice(cfg.global_batch_size, process_index, process_count)
+        offset, self.local_batch_size = process_slice(cfg.global_batch_size, process_index, process_count)
         self.n_rows = num_rows(stream.n_tokens, cfg.seq_len, keep_partial=True)
         if self.n_rows == 0:
             raise DataError(f"evaluation data has {stream.n_tokens} token(s); at least 2 are needed")

@@ -25,15 +25,16 @@ import json
 import multiprocessing
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from ultrathink_jax import atomic
 from ultrathink_jax.data.errors import DataError, DataFileNotFoundError
 from ultrathink_jax.data.packing import TokenStream, num_rows, pack_documents, pack_row
 from ultrathink_jax.data.tokenizer import Tokenizer, load_tokenizer
+from ultrathink_jax.errors import one_line
 
 MANIFEST = "manifest.json"
 FORMAT = "ultrathink-token-shards/1"
@@ -45,10 +46,8 @@ def _shard_name(index: int) -> str:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic.atomic_open(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def _write_shard(out: Path, index: int, stream: TokenStream) -> dict:
@@ -99,7 +98,7 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
     try:
         manifest = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"prepared dataset {directory}: unreadable {MANIFEST}: {' '.join(str(e).split())}") from e
+        raise DataError(f"prepared dataset {directory}: unreadable {MANIFEST}: {one_line(e)}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"prepared dataset {directory}: {MANIFEST} is not a {FORMAT} manifest")
     return manifest
@@ -184,9 +183,7 @@ def prepare(source, tokenizer: Tokenizer, out: str | os.PathLike, *, workers: in
         "documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
         "shards": shards,
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    atomic.write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -26,7 +26,8 @@ import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ultrathink_jax.data.errors import DataError, DataFileNotFoundError, one_line
+from ultrathink_jax.data.errors import DataError, DataFileNotFoundError
+from ultrathink_jax.errors import one_line
 
 TXT_SPLITS = ("file", "paragraph", "line")
 _TEXT_SUFFIXES = (".txt", ".text", ".md")

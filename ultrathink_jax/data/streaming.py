@@ -26,6 +26,7 @@ import json
 import ml_collections
 import numpy as np
 
+from ultrathink_jax.data.batch_slice import process_slice
 from ultrathink_jax.data.errors import DataError
 from ultrathink_jax.data.packing import TokenStream, pack_row, stack_rows
 from ultrathink_jax.data.sources import HFSource
@@ -47,14 +48,12 @@ class StreamingTrainIterator:
 
     def __init__(self, source: HFSource, tokenizer: Tokenizer, cfg: ml_collections.ConfigDict,
                  process_index: int | None = None, process_count: int | None = None):
-        from ultrathink_jax.data.pipeline import _process_slice  # pipeline imports this module
-
         if not source.streaming:
             raise DataError(f"{source.describe()}: the streaming iterator needs streaming=True")
         self.source, self.tokenizer = source, tokenizer
         self.seq_len, self.global_batch_size = cfg.seq_len, cfg.global_batch_size
         self.buffer_rows, self.seed = cfg.shuffle_buffer_rows, cfg.seed
-        self._offset, self.local_batch_size = _process_slice(cfg.global_batch_size, process_index, process_count)
+        self._offset, self.local_batch_size = process_slice(cfg.global_batch_size, process_index, process_count)
         self.process_index = self._offset // self.local_batch_size
         self.process_count = cfg.global_batch_size // self.local_batch_size
         self._gather = process_count is None  # jax's own processes: checkpoint states are gathered

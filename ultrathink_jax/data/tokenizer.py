@@ -1,27 +1,32 @@
 """Tokenizer: a thin wrapper over a `tokenizers.Tokenizer` that knows its EOS/BOS/PAD ids.
 
-Loads a Hugging Face tokenizer directory or `tokenizer.json`, or a GPT-2 style `vocab.json` + `merges.txt`
-pair; or trains a byte-level BPE. `save(dir)` writes files that `transformers.AutoTokenizer` reloads as a
-`PreTrainedTokenizerFast` encoding to the same ids (written by hand: a `GPT2TokenizerFast.save_pretrained`
-directory reloads under transformers 5.x as a class that encodes everything to []).
+Loads a Hugging Face tokenizer directory or `tokenizer.json`, a GPT-2 style `vocab.json` + `merges.txt`
+pair, or a tokenizer shipped in the package (`builtin:gpt2`); or trains a byte-level BPE. `save(dir)` writes
+files that `transformers.AutoTokenizer` reloads as a `PreTrainedTokenizerFast` encoding to the same ids
+(written by hand: a `GPT2TokenizerFast.save_pretrained` directory reloads under transformers 5.x as a class
+that encodes everything to []).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as _Backend
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from ultrathink_jax.data.errors import DataFileNotFoundError, TokenizerError, one_line
+from ultrathink_jax import atomic
+from ultrathink_jax.data.errors import DataFileNotFoundError, TokenizerError
+from ultrathink_jax.errors import one_line
 
 ENDOFTEXT = "<|endoftext|>"
 # End-of-document markers of common model families, tried in order when a tokenizer names no eos_token.
 _EOS_CANDIDATES = (ENDOFTEXT, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+BUILTIN_PREFIX = "builtin:"
+# Tokenizers in ultrathink_jax/assets (package data): named by a config without a path or a download.
+BUILTIN = {"gpt2": Path(__file__).resolve().parents[1] / "assets" / "gpt2_tokenizer"}
 
 
 class Tokenizer:
@@ -81,9 +86,9 @@ class Tokenizer:
         }
         if self.chat_template:
             config["chat_template"] = self.chat_template
-        _atomic_write(out / "tokenizer.json", self.backend.to_str(pretty=True))
-        _atomic_write(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-        _atomic_write(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+        atomic.write_text(out / "tokenizer.json", self.backend.to_str(pretty=True))
+        atomic.write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        atomic.write_text(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
         return out
 
     def __repr__(self) -> str:
@@ -91,9 +96,15 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Loads from a directory (tokenizer.json, or vocab.json + merges.txt), a tokenizer.json file, or a
-    "VOCAB.json,MERGES.txt" pair."""
+    """Loads from a directory (tokenizer.json, or vocab.json + merges.txt), a tokenizer.json file, a
+    "VOCAB.json,MERGES.txt" pair, or "builtin:NAME" (a shipped tokenizer, see BUILTIN)."""
     text = os.fspath(path)
+    if text.startswith(BUILTIN_PREFIX):
+        name = text[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN:
+            raise TokenizerError(f"unknown built-in tokenizer {text!r}; shipped: "
+                                 f"{[BUILTIN_PREFIX + n for n in sorted(BUILTIN)]}")
+        return _from_tokenizer_json(BUILTIN[name] / "tokenizer.json", BUILTIN[name])
     if "," in text:
         vocab, merges = (Path(p.strip()) for p in text.split(",", 1))
         return _from_vocab_merges(vocab, merges)
@@ -188,11 +199,3 @@ def _guess_eos(backend: _Backend, where: str) -> str:
             return candidate
     raise TokenizerError(f"tokenizer {where}: no end-of-text token found (tried {list(_EOS_CANDIDATES)}); "
                          "add an eos_token to tokenizer_config.json")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    # Several processes of one run may save the same tokenizer into a shared workdir.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

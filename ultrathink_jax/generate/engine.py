@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Callable, Sequence
 
 import jax
@@ -54,13 +53,6 @@ def token_budget(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> i
 
 def bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << (n - 1).bit_length())
-
-
-def _batch_shards(mesh: Mesh) -> int:
-    """How many ways the batch axis is split on `mesh` (batch sizes are rounded up to a multiple of this)."""
-    spec = sharding.logical_sharding(mesh, ("act_batch",)).spec
-    names = spec[0] if spec and isinstance(spec[0], tuple) else (spec[0],) if spec else ()
-    return math.prod(mesh.shape[n] for n in names if n is not None)
 
 
 def _cache_sharding(mesh: Mesh, cache):
@@ -163,7 +155,7 @@ class Engine:
         cfg = self.config
         _check_prompts(prompts, cfg, max_new_tokens)
         n = len(prompts)
-        shards = _batch_shards(self.mesh)
+        shards = sharding.data_parallel_size(self.mesh)  # batch sizes are rounded up to a multiple
         batch = -(-(1 << (n - 1).bit_length()) // shards) * shards  # a power of two, split evenly over the mesh
         width = bucket(max(len(p) for p in prompts))
         tokens = np.full((batch, width), PAD_ID, np.int32)

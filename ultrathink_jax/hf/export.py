@@ -17,14 +17,16 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
+from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors.numpy import save_file
 
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.hf.mapping import (HFCompatibilityWarning, TensorMap, tensor_table, to_hf_config,
                                        transformers4_limitations)
+from ultrathink_jax.tree import leaf_at
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-# transformers' own default shard size ("5GB", decimal).
+# huggingface_hub's default shard size ("5GB", decimal); transformers 5's save_pretrained defaults to 50GB.
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 SAFETENSORS_METADATA = {"format": "pt"}  # transformers refuses safetensors files without it
 
@@ -33,21 +35,14 @@ class ExportError(ValueError):
     """Bad export arguments (dtype, output directory, parameter tree); the message names the problem."""
 
 
-def leaf_at(params, path: tuple[str, ...]):
-    node = params
-    for key in path:
-        try:
-            node = node[key]
-        except (KeyError, TypeError):
-            raise ExportError(f"parameter {'/'.join(path)} is missing from the parameter tree") from None
-    return node
-
-
 def hf_tensor(params, entry: TensorMap, jax_shape_of) -> np.ndarray:
     """The float32 Hugging Face tensor of one table entry (only that slice is copied off the devices)."""
     if entry.layout == "zeros":
         return np.zeros(entry.zeros_shape, np.float32)
-    leaf = leaf_at(params, entry.jax_path)
+    try:
+        leaf = leaf_at(params, entry.jax_path)
+    except KeyError:
+        raise ExportError(f"parameter {'/'.join(entry.jax_path)} is missing from the parameter tree") from None
     part = leaf[entry.index] if entry.index else leaf
     host = np.asarray(jax.device_get(part), dtype=np.float32)
     if host.shape != jax_shape_of(entry):
@@ -86,28 +81,20 @@ def export_params(params, config: ModelConfig, out_dir: str | os.PathLike, dtype
     table = tensor_table(config)
     shapes = _expected_slice_shapes(config)
     np_dtype = DTYPES[dtype]
-    itemsize = np.dtype(np_dtype).itemsize
+    entries = {e.hf_name: e for e in table}
+    elements = {e.hf_name: int(np.prod(e.hf_shape(shapes[e]))) for e in table}
 
-    shards: list[list[TensorMap]] = [[]]
-    shard_bytes = 0
-    for entry in table:
-        n = int(np.prod(entry.hf_shape(shapes[entry]))) * itemsize
-        if shards[-1] and shard_bytes + n > max_shard_bytes:
-            shards.append([])
-            shard_bytes = 0
-        shards[-1].append(entry)
-        shard_bytes += n
-
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    weight_map, total = {}, 0
-    for name, entries in zip(names, shards):
-        tensors = {e.hf_name: hf_tensor(params, e, shapes.__getitem__).astype(np_dtype) for e in entries}
+    # Split by size alone, as transformers' save_pretrained does (same splitter, names and index); each shard's
+    # tensors are then copied off the devices only while that shard is written.
+    split = split_state_dict_into_shards_factory(
+        elements, get_storage_size=lambda n: n * np.dtype(np_dtype).itemsize,
+        filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_bytes)
+    for name, hf_names in split.filename_to_tensors.items():
+        tensors = {t: hf_tensor(params, entries[t], shapes.__getitem__).astype(np_dtype) for t in hf_names}
         save_file(tensors, str(out / name), metadata=SAFETENSORS_METADATA)
-        total += sum(t.nbytes for t in tensors.values())
-        weight_map.update({t: name for t in tensors})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": sum(elements.values()), **split.metadata},
+                 "weight_map": split.tensor_to_filename}
         _write_json(out / "model.safetensors.index.json", index)
 
     special = _special_token_ids(tokenizer)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ultrathink_jax.atomic import atomic_path
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.hf.export import ExportError, _expected_slice_shapes, hf_tensor
 from ultrathink_jax.hf.mapping import family, tensor_table
@@ -147,8 +148,6 @@ def _encode(name: str, t: np.ndarray, dtype: str):
 def export_gguf(params, config: ModelConfig, tokenizer, out_file: str | os.PathLike, dtype: str = "f32",
                 name: str = "ultrathink", overwrite: bool = False) -> Path:
     """Writes `out_file` (GGUF v3, llama architecture). Raises GGUFLayoutError for what llama.cpp cannot run."""
-    import gguf
-
     if dtype not in GGUF_DTYPES:
         raise ExportError(f"unknown GGUF dtype {dtype!r}; expected one of {', '.join(GGUF_DTYPES)}")
     out = Path(out_file)
@@ -164,8 +163,15 @@ def export_gguf(params, config: ModelConfig, tokenizer, out_file: str | os.PathL
     tok = _tokenizer_fields(tokenizer, config.vocab_size)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    with atomic_path(out) as tmp:  # never leaves a half-written file under the requested name
+        _write_gguf(str(tmp), params, config, tokenizer, tok, dtype, name)
+    return out
+
+
+def _write_gguf(path: str, params, config: ModelConfig, tokenizer, tok: dict, dtype: str, name: str) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     cfg = config
     w.add_name(name)
     w.add_context_length(cfg.max_seq_len)
@@ -205,8 +211,6 @@ def export_gguf(params, config: ModelConfig, tokenizer, out_file: str | os.PathL
         w.write_tensors_to_file()
     finally:
         w.close()
-    os.replace(tmp, out)  # never leaves a half-written file under the requested name
-    return out
 
 
 def export_gguf_from_run(workdir, out_file, step: int | None = None, dtype: str = "f32",

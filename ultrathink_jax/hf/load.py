@@ -16,11 +16,12 @@ import numpy as np
 from safetensors import safe_open
 
 from ultrathink_jax.config import ModelConfig
-from ultrathink_jax.hf.mapping import HFFormatError, family, from_hf_config, tensor_table
+from ultrathink_jax.errors import one_line
+from ultrathink_jax.hf.mapping import MIXTRAL_EXPERT_NAMES, HFFormatError, family, from_hf_config, tensor_table
+from ultrathink_jax.tree import leaf_at
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_TO_MIXTRAL = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-_TO_QWEN = {v: k for k, v in _TO_MIXTRAL.items()}
+_TO_QWEN = {v: k for k, v in MIXTRAL_EXPERT_NAMES.items()}
 
 
 class HFCheckpointNotFoundError(FileNotFoundError, HFFormatError):
@@ -72,7 +73,7 @@ def read_tensors(files: list[Path]) -> dict[str, np.ndarray]:
         except (HFFormatError, MemoryError):
             raise
         except Exception as e:  # SafetensorError: a bad header, sizes that do not add up, not safetensors at all
-            raise HFFormatError(f"{path} is not a readable safetensors file: {' '.join(str(e).split())}") from None
+            raise HFFormatError(f"{path} is not a readable safetensors file: {one_line(e)}") from None
         for name, t in tensors.items():
             if t.dtype.kind in "biuSU":  # bools, integers, bytes (bfloat16 is kind "V")
                 raise HFFormatError(f"tensor {name} in {path.name} has dtype {t.dtype}, expected a float type")
@@ -119,7 +120,7 @@ def _moe_name(layer: str, rest: str, mixtral: bool) -> str:
         return f"model.layers.{layer}.mlp.{rest}"
     m = re.fullmatch(r"experts\.(\d+)\.(\w+)\.weight", rest)
     if m:
-        rest = f"experts.{m[1]}.{_TO_MIXTRAL[m[2]]}.weight"
+        rest = f"experts.{m[1]}.{MIXTRAL_EXPERT_NAMES[m[2]]}.weight"
     return f"model.layers.{layer}.block_sparse_moe.{rest}"
 
 
@@ -159,7 +160,7 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: ModelConfig) -> 
             continue
         if t is None:
             raise HFFormatError(f"checkpoint is missing tensor {entry.hf_name}")
-        leaf = _leaf(params, entry.jax_path)
+        leaf = leaf_at(params, entry.jax_path)
         jax_shape = leaf.shape[len(entry.index):]
         if tuple(t.shape) != entry.hf_shape(jax_shape):
             raise HFFormatError(f"tensor {entry.hf_name} has shape {tuple(t.shape)}, "
@@ -178,10 +179,4 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: ModelConfig) -> 
         key = tuple(p.key for p in path)
         if filled.get(key, 0) != leaf.size:  # guards the table: every parameter element read exactly once
             raise AssertionError(f"mapping table covers {filled.get(key, 0)} of {leaf.size} elements of {key}")
-    return params
-
-
-def _leaf(params, path):
-    for key in path:
-        params = params[key]
     return params

@@ -33,7 +33,8 @@ from ultrathink_jax.model import layer_plan
 
 FAMILIES = ("llama", "mixtral", "qwen2_moe")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
-_MIXTRAL_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+# Mixtral names its expert projections w1/w3/w2 where Llama and Qwen2-MoE say gate_proj/up_proj/down_proj.
+MIXTRAL_EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
 
 class HFFormatError(ValueError):
@@ -306,7 +307,7 @@ def _layer_tensors(cfg: ModelConfig, fam: str, hf: str, block: tuple[str, str], 
     out.append(TensorMap(f"{mlp}.gate.weight", moe + ("router", "kernel"), u, "transpose"))
     for e in range(cfg.n_experts):
         for proj, leaf in (("gate_proj", "wi_gate"), ("up_proj", "wi_up"), ("down_proj", "wo")):
-            name = _MIXTRAL_EXPERT[proj] if fam == "mixtral" else proj
+            name = MIXTRAL_EXPERT_NAMES[proj] if fam == "mixtral" else proj
             out.append(TensorMap(f"{mlp}.experts.{e}.{name}.weight", moe + (leaf,), (unit, e), "transpose"))
     if fam == "qwen2_moe":
         shared = cfg.shared_expert_d_ff

@@ -70,7 +70,7 @@ def import_run(hf_dir: str | os.PathLike, workdir: str | os.PathLike, config: ml
     from ultrathink_jax.train import run as run_lib
     from ultrathink_jax.train.config import validate
     from ultrathink_jax.train.optim import make_optimizer
-    from ultrathink_jax.train.state import state_shardings
+    from ultrathink_jax.train.state import initial_rng, state_shardings
 
     hf_dir, workdir = Path(hf_dir), Path(workdir)
     model, params = load_hf(hf_dir)
@@ -90,15 +90,15 @@ def import_run(hf_dir: str | os.PathLike, workdir: str | os.PathLike, config: ml
 
     tokenizer.save(workdir / TOKENIZER_DIR)
     data_state = build_train_iterator(config.data, tokenizer, workdir).get_state()
-    mesh = sharding.make_mesh(dict(config.mesh))
+    mesh = run_lib.run_mesh(config)
     tx, _ = make_optimizer(config.optim, config.train.steps)
     shardings = state_shardings(model, tx, mesh)
     with sharding.activate(mesh):
         params = jax.device_put(params, shardings.params)
         opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-    # what launch.train's fresh state holds at step 0 (same RNG derivation as train.state.init_state)
+    # what launch.train's fresh state holds at step 0
     progress = {"step": jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
-                "rng": jax.device_put(jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 1), shardings.rng)}
+                "rng": jax.device_put(initial_rng(config.train.seed), shardings.rng)}
     run_lib.write_run_files(workdir, config, model)
     store = run_lib.checkpoints(workdir, config)
     try:

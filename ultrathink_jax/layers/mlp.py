@@ -1,14 +1,8 @@
-import jax
 from flax import linen as nn
 
+from ultrathink_jax.activations import ACTIVATION_FNS
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.layers.init import residual_out_init, weight_init
-
-ACTIVATION_FNS = {
-    "silu": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-}
 
 
 class MLP(nn.Module):

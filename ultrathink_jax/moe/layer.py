@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from ultrathink_jax.activations import ACTIVATION_FNS
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.layers.init import residual_out_init, weight_init
-from ultrathink_jax.layers.mlp import ACTIVATION_FNS, MLP
+from ultrathink_jax.layers.mlp import MLP
 from ultrathink_jax.moe import dispatch, router
 
 

@@ -15,12 +15,12 @@ Files: `.jsonl`, one example per line:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from ultrathink_jax import atomic
 from ultrathink_jax.data.errors import DataError, DataFileNotFoundError
 from ultrathink_jax.data.sources import read_utf8_file
 from ultrathink_jax.data.packing import TokenStream
@@ -185,11 +185,7 @@ def read_preferences(spec: str) -> list[tuple[list[dict], str, str]]:
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     """Written whole to a temporary file, then renamed: a reader never sees half a file."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    return atomic.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # ----------------------------------------------------------------------------------------------- tokens

@@ -42,10 +42,9 @@ from ultrathink_jax.posttrain import lora as lora_lib
 from ultrathink_jax.train import TrainingError, evaluate
 from ultrathink_jax.train import run as run_lib
 from ultrathink_jax.train.config import VOCAB_MULTIPLE
-from ultrathink_jax.train.loop import data_parallel_size
 from ultrathink_jax.train.config import validate as validate_trainer
 from ultrathink_jax.train.optim import make_optimizer
-from ultrathink_jax.train.state import TrainState, state_shardings
+from ultrathink_jax.train.state import TrainState, initial_rng, state_shardings, step_rng
 from ultrathink_jax.train.steps import batch_shardings, global_batch
 
 OBJECTIVES = ("sft", "dpo")
@@ -229,7 +228,7 @@ def make_train_step(objective_fn, tx, schedule):
     grad_fn = jax.grad(objective_fn, has_aux=True)
 
     def train_step(state: TrainState, frozen, batch):
-        rng = jax.random.fold_in(state.rng, state.step)
+        rng = step_rng(state)
         grads, metrics = grad_fn(state.params, frozen, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -288,7 +287,7 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | os.PathLike, obj
     pt_config.validate(config)
     validate_trainer(config)
     workdir = Path(workdir)
-    mesh = sharding.make_mesh(dict(config.mesh))
+    mesh = run_lib.run_mesh(config)
     lora = lora_config(config)
     model, tokenizer, params = prepare(config, workdir, mesh)
     config = ml_collections.ConfigDict(config.to_dict())
@@ -296,7 +295,7 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | os.PathLike, obj
     run_lib.check_same_shapes(workdir, model)
 
     cfg_d = config.data
-    rows, dp = cfg_d.global_batch_size * (2 if objective == "dpo" else 1), data_parallel_size(mesh)
+    rows, dp = cfg_d.global_batch_size * (2 if objective == "dpo" else 1), sharding.data_parallel_size(mesh)
     if rows % dp:
         raise ConfigError(f"config: data.global_batch_size={cfg_d.global_batch_size} gives {rows} rows per step, "
                           f"not divisible by the {dp} data-parallel devices (mesh data x fsdp x expert)")
@@ -333,8 +332,7 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | os.PathLike, obj
             state = TrainState(params=jax.device_put(trainable, shardings.params),
                                opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable),
                                step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
-                               rng=jax.device_put(jax.random.fold_in(jax.random.PRNGKey(config.train.seed), 1),
-                                                  shardings.rng))
+                               rng=jax.device_put(initial_rng(config.train.seed), shardings.rng))
             if store.latest_step() is not None:  # the newest intact checkpoint; damaged ones are skipped
                 target = abstract_like(state, shardings)
                 latest, p, o, prog, data_state = store.restore(None, target.params, target.opt_state,

@@ -23,6 +23,7 @@ from flax import linen as nn
 
 from ultrathink_jax.config import ConfigError, ModelConfig
 from ultrathink_jax.layers.linear import Linear
+from ultrathink_jax.tree import leaf_at
 
 # projection name -> (parent module, kernel module, number of input axes of its kernel)
 TARGETS = {"q": ("attn", "q_proj", 1), "k": ("attn", "k_proj", 1), "v": ("attn", "v_proj", 1),
@@ -87,7 +88,7 @@ def init_adapters(params, lora: LoraConfig, seed: int = 0):
     key = jax.random.key(seed)
     out: dict = {}
     for i, (path, n_in) in enumerate(paths):
-        kernel = _get(params, path)["kernel"]  # [U, *in, *out]
+        kernel = leaf_at(params, path)["kernel"]  # [U, *in, *out]
         units, ins, outs = kernel.shape[0], kernel.shape[1:1 + n_in], kernel.shape[1 + n_in:]
         bound = 1.0 / np.sqrt(np.prod(ins))
         a = jax.random.uniform(jax.random.fold_in(key, i), (units, *ins, lora.rank), jnp.float32, -bound, bound)
@@ -96,12 +97,6 @@ def init_adapters(params, lora: LoraConfig, seed: int = 0):
             node = node.setdefault(p, {})
         node["lora_a"], node["lora_b"] = a, jnp.zeros((units, lora.rank, *outs), jnp.float32)
     return out
-
-
-def _get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
 
 
 def combine(base, adapters):
@@ -175,8 +170,8 @@ def peft_adapter(adapters, lora: LoraConfig, model: ModelConfig, out_dir: str | 
         if entry.layout == "zeros" or entry.jax_path[-1] != "kernel":
             continue
         try:
-            node = _get(adapters, entry.jax_path[:-1])
-        except (KeyError, TypeError):
+            node = leaf_at(adapters, entry.jax_path[:-1])
+        except KeyError:
             continue
         if "lora_a" not in node:
             continue

@@ -33,7 +33,10 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
     optim = ml_collections.ConfigDict({
         "learning_rate": 3e-4,  # peak
         "schedule": "cosine",  # after linear warmup: cosine or linear decay to min_lr_ratio * peak, or constant
-        "warmup_steps": 2000,
+        # linear warmup: warmup_steps if >= 0 (0 = none), else warmup_fraction of train.steps, so overriding
+        # train.steps keeps the recipe's proportion
+        "warmup_steps": -1,
+        "warmup_fraction": 0.02,
         "min_lr_ratio": 0.1,
         "b1": 0.9,
         "b2": 0.95,
@@ -79,7 +82,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("train.sample_temperature", t.sample_temperature, t.sample_temperature >= 0, "must be >= 0"),
         ("optim.learning_rate", o.learning_rate, o.learning_rate > 0, "must be positive"),
         ("optim.schedule", o.schedule, o.schedule in SCHEDULES, f"must be one of {SCHEDULES}"),
-        ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, "must be >= 0"),
+        ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= -1, "must be >= 0, or -1 = warmup_fraction"),
+        ("optim.warmup_fraction", o.warmup_fraction, 0 <= o.warmup_fraction < 1, "must be in [0, 1)"),
         ("optim.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "must be in [0, 1]"),
         ("optim.b1", o.b1, 0 <= o.b1 < 1, "must be in [0, 1)"),
         ("optim.b2", o.b2, 0 <= o.b2 < 1, "must be in [0, 1)"),
@@ -97,9 +101,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name, value, ok, why in checks:
         if not ok:
             raise ConfigError(f"config: {name}={value!r} {why}")
+    warmup = warmup_steps(o, t.steps)
+    if warmup >= t.steps:
+        given = (f"optim.warmup_steps={o.warmup_steps}" if o.warmup_steps >= 0 else
+                 f"optim.warmup_fraction={o.warmup_fraction} gives {warmup} warmup steps, which")
+        raise ConfigError(f"config: {given} must be < train.steps={t.steps} (the whole run would be warmup)")
     from ultrathink_jax.train.layerskip import from_train_config
 
     from_train_config(t, config.model.n_layers)  # the LayerSkip fields' own checks
     if config.data.global_batch_size % t.grad_accum:
         raise ConfigError(f"config: data.global_batch_size={config.data.global_batch_size} must be divisible by "
                           f"train.grad_accum={t.grad_accum}")
+
+
+def warmup_steps(optim: ml_collections.ConfigDict, total_steps: int) -> int:
+    """The schedule's warmup length: optim.warmup_steps, or -1 = warmup_fraction of `total_steps`."""
+    if optim.warmup_steps >= 0:
+        return optim.warmup_steps
+    return round(optim.warmup_fraction * total_steps)

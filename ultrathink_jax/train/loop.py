@@ -53,10 +53,6 @@ class TrainResult:
     skipped: list[int] = dataclasses.field(default_factory=list)  # steps skipped for a non-finite loss/gradient
 
 
-def data_parallel_size(mesh) -> int:
-    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
-
-
 def evaluate(eval_step, params, batches, mesh, max_batches: int = 0) -> tuple[float, float]:
     """(token-weighted mean loss, scored targets) over `batches`; sums accumulate in float64 on the host."""
     loss_sum = weight_sum = 0.0
@@ -71,7 +67,7 @@ def evaluate(eval_step, params, batches, mesh, max_batches: int = 0) -> tuple[fl
 
 def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
     rows = config.data.global_batch_size // config.train.grad_accum
-    dp = data_parallel_size(mesh)
+    dp = sharding.data_parallel_size(mesh)
     if rows % dp:
         raise ConfigError(f"config: data.global_batch_size={config.data.global_batch_size} / train.grad_accum="
                           f"{config.train.grad_accum} = {rows} rows per micro-batch, not divisible by the "
@@ -87,7 +83,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
     is_main = jax.process_index() == 0
     validate(config)
     workdir = Path(workdir)
-    mesh = sharding.make_mesh(dict(config.mesh))
+    mesh = run_lib.run_mesh(config)
     _check_batch(config, mesh)
     phases = Phases()
     with phases.time("tokenizer"):
@@ -100,8 +96,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
 
     total = config.train.steps
     end = min(total, until_step) if until_step is not None else total
-    fns = step_functions(model, tuple(sorted(config.optim.items())), total, config.train.grad_accum,
-                         config.train.z_loss_weight, mesh, layerskip.from_train_config(config.train, model.n_layers))
+    fns = config_step_functions(config, model, mesh)
     store = run_lib.checkpoints(workdir, config)
     progress = metrics_lib.Progress(total, enabled=is_main and config.log.progress, stream=out)
     writer = None
@@ -182,6 +177,12 @@ def step_functions(model: ModelConfig, optim_items: tuple, total_steps: int, gra
     train_step = steps_lib.jit_train_step(
         steps_lib.make_train_step(model, tx, schedule, grad_accum, z_loss_weight, layerskip_cfg), shardings, mesh)
     return StepFunctions(tx, shardings, train_step, steps_lib.make_eval_step(model, shardings.params, mesh))
+
+
+def config_step_functions(config: ml_collections.ConfigDict, model: ModelConfig, mesh) -> StepFunctions:
+    """The optimizer and jitted steps `train` runs for `config` (the parity suite drives the same ones)."""
+    return step_functions(model, tuple(sorted(config.optim.items())), config.train.steps, config.train.grad_accum,
+                          config.train.z_loss_weight, mesh, layerskip.from_train_config(config.train, model.n_layers))
 
 
 def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progress, train_iter, eval_batches,

@@ -9,14 +9,17 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ultrathink_jax.train.config import warmup_steps
+
 NO_DECAY = ("scale", "bias")  # norm scales and biases: decaying them toward 0 only hurts
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warmup to the peak over `warmup_steps` (step s gets (s+1)/warmup, so the first update is not
-    wasted), then cosine or linear decay to `min_lr_ratio * peak` at `total_steps`, or constant."""
+    """Linear warmup to the peak over `warmup_steps(optim, total_steps)` steps (step s gets (s+1)/warmup, so the
+    first update is not wasted), then cosine or linear decay to `min_lr_ratio * peak` at `total_steps`, or
+    constant."""
     peak, end = optim.learning_rate, optim.learning_rate * optim.min_lr_ratio
-    warmup, kind = optim.warmup_steps, optim.schedule
+    warmup, kind = warmup_steps(optim, total_steps), optim.schedule
     decay_steps = max(total_steps - warmup, 1)
 
     def schedule(step):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,11 +20,12 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from ultrathink_jax import sharding
+from ultrathink_jax import atomic, sharding
 from ultrathink_jax.checkpoint import CheckpointError, CheckpointNotFoundError, Checkpoints
 from ultrathink_jax.config import ConfigError, ModelConfig
 from ultrathink_jax.data import Tokenizer, load_tokenizer
 from ultrathink_jax.data.pipeline import TOKENIZER_DIR
+from ultrathink_jax.errors import one_line
 from ultrathink_jax.params import abstract_params, param_shardings
 from ultrathink_jax.train.config import VOCAB_MULTIPLE
 from ultrathink_jax.train.state import strip_boxes
@@ -31,6 +33,8 @@ from ultrathink_jax.train.state import strip_boxes
 CONFIG_FILE = "config.json"
 MODEL_CONFIG_FILE = "model_config.json"
 CHECKPOINT_DIR = "checkpoints"
+UNUSED_VOCAB_WARN = 0.01  # share of the model's vocabulary the tokenizer cannot reach above which to warn
+log = logging.getLogger(__name__)
 
 
 class RunNotFoundError(FileNotFoundError):
@@ -39,14 +43,23 @@ class RunNotFoundError(FileNotFoundError):
 
 def resolve_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
     """ModelConfig from `config.model`, with vocab_size 0 = the tokenizer's `vocab_size` rounded up to a
-    multiple of 64; checks the vocabulary covers the tokenizer and data.seq_len fits max_seq_len."""
+    multiple of 64; checks the vocabulary covers the tokenizer (error) and is not much larger (warning), and
+    that data.seq_len fits max_seq_len."""
     fields = dict(config.model)
+    padded = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     if fields.get("vocab_size") == 0:
-        fields["vocab_size"] = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        fields["vocab_size"] = padded
     model = ModelConfig.from_mapping(fields)
     if model.vocab_size < vocab_size:
         raise ConfigError(f"config: model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({vocab_size}); set model.vocab_size=0 to size it from the tokenizer")
+    unused = model.vocab_size - vocab_size
+    # Padding (to a multiple of 64, or a few spare rows as released models keep) is fine; a model far larger
+    # than its tokenizer trains rows no id ever selects, usually a config that names no tokenizer of its size.
+    if model.vocab_size > padded and unused > UNUSED_VOCAB_WARN * model.vocab_size:
+        log.warning("config: model.vocab_size=%d but the tokenizer has %d tokens: %d embedding rows (%.0f%%) are "
+                    "never used; set model.vocab_size=0 to size the model from the tokenizer, or a data.tokenizer "
+                    "of that size", model.vocab_size, vocab_size, unused, 100 * unused / model.vocab_size)
     if config.data.seq_len > model.max_seq_len:
         raise ConfigError(f"config: data.seq_len={config.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
     return model
@@ -72,7 +85,7 @@ def saved_model_config(workdir: str | os.PathLike) -> ModelConfig | None:
     try:
         return ModelConfig.from_mapping(json.loads(f.read_text()))
     except (json.JSONDecodeError, ConfigError) as e:
-        raise CheckpointError(f"cannot read {f}: {' '.join(str(e).split())}") from e
+        raise CheckpointError(f"cannot read {f}: {one_line(e)}") from e
 
 
 def check_same_shapes(workdir: str | os.PathLike, model: ModelConfig) -> None:
@@ -95,16 +108,14 @@ def write_run_files(workdir: str | os.PathLike, config: ml_collections.ConfigDic
     out.mkdir(parents=True, exist_ok=True)
     resolved = ml_collections.ConfigDict(config.to_dict())
     resolved.model.vocab_size = model.vocab_size
-    _atomic_write(out / CONFIG_FILE, resolved.to_json(indent=2) + "\n")
-    _atomic_write(out / MODEL_CONFIG_FILE, json.dumps(dataclasses.asdict(model), indent=2) + "\n")
+    if jax.process_index() == 0:
+        atomic.write_text(out / CONFIG_FILE, resolved.to_json(indent=2) + "\n")
+        atomic.write_text(out / MODEL_CONFIG_FILE, json.dumps(dataclasses.asdict(model), indent=2) + "\n")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    if jax.process_index() != 0:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def run_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """The device mesh the config's `mesh` section describes; training, eval and generate all build theirs here."""
+    return sharding.make_mesh(dict(config.mesh))
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

@@ -23,7 +23,17 @@ class TrainState:
     params: Any  # float32, whatever the compute dtype
     opt_state: Any  # float32
     step: jax.Array  # int32 scalar: optimizer updates applied so far
-    rng: jax.Array  # uint32[2] raw key; step s uses fold_in(rng, s), so a resumed run draws the same numbers
+    rng: jax.Array  # uint32[2] raw key (`initial_rng`); step s draws from `step_rng`
+
+
+def initial_rng(seed) -> jax.Array:
+    """A fresh state's `rng` for `seed`: independent of the parameter init key `jax.random.key(seed)`."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+
+
+def step_rng(state: TrainState) -> jax.Array:
+    """The key of the step `state` is about to take: fold_in(rng, step), so a resumed run draws the same numbers."""
+    return jax.random.fold_in(state.rng, state.step)
 
 
 def strip_boxes(tree):
@@ -56,8 +66,8 @@ def _jitted_init(config: ModelConfig, tx: optax.GradientTransformation, mesh: Me
     def init(seed):
         ones = jnp.ones((1, 1), jnp.int32)  # shapes only: tokens, positions, segment ids
         params = strip_boxes(Transformer(config).init({"params": jax.random.key(seed)}, ones, ones, ones)["params"])
-        rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # independent of the init key
-        return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), rng=rng)
+        return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                          rng=initial_rng(seed))
 
     return jax.jit(init, out_shardings=state_shardings(config, tx, mesh))
 

@@ -23,7 +23,7 @@ from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.model import Transformer
 from ultrathink_jax.moe import moe_loss, update_selection_bias
 from ultrathink_jax.train import layerskip as layerskip_lib
-from ultrathink_jax.train.state import TrainState
+from ultrathink_jax.train.state import TrainState, step_rng
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 
@@ -70,7 +70,7 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, sched
                        has_aux=True)
 
     def train_step(state: TrainState, batch: dict):
-        rng = jax.random.fold_in(state.rng, state.step)
+        rng = step_rng(state)
         micro = split_micro_batches(batch, grad_accum)
 
         def accumulate(carry, xs):

@@ -2,7 +2,7 @@
 half as wide as Medium's MLP, so the active MLP compute per token equals Medium's (2.12B parameters, 757M active
 per token)."""
 
-from configs import base, medium
+from ultrathink_jax.configs import base, medium
 
 
 def get_config():

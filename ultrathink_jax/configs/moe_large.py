@@ -2,7 +2,7 @@
 half as wide as Large's MLP, so the active MLP compute per token equals Large's (3.75B parameters, 1.32B active per
 token)."""
 
-from configs import base, large
+from ultrathink_jax.configs import base, large
 
 
 def get_config():

@@ -5,7 +5,7 @@ llama.cpp's GGUF); a dense layer 0 (DeepSeek-MoE style, `moe_first_dense=1`) exp
 cannot run, and measured no better (held-out loss after 150 steps 5.177 with it vs 5.160 without, BENCHMARKS.md).
 Trains in minutes on 2 CPU cores (2.63M parameters, 1.00M active per token with the 2048-token tokenizer)."""
 
-from configs import base, default
+from ultrathink_jax.configs import base, default
 
 
 def get_config():

@@ -5,7 +5,7 @@
 data.global_batch_size counts pairs (each step runs 2x that many rows). The reference is the --init model.
 """
 
-from configs import sft
+from ultrathink_jax.configs import sft
 
 
 def get_config():

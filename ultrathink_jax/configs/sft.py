@@ -2,11 +2,11 @@
 
     python -m launch.sft --config=configs/sft.py --init=RUN --data=train.jsonl [--eval_data=eval.jsonl] --workdir=SFT
 
-The model comes from --init (posttrain.init_from); this file sets data, optimizer and LoRA. LoRA:
+The model and its tokenizer come from --init (posttrain.init_from); this file sets data, optimizer and LoRA. LoRA:
 --config.posttrain.lora_rank=8 (targets, alpha, dropout in the posttrain section).
 """
 
-from configs import base
+from ultrathink_jax.configs import base
 from ultrathink_jax.posttrain.config import section as posttrain_section
 
 
@@ -18,7 +18,7 @@ def get_config():
     config.train.steps = 200
     config.train.sample_tokens = 0
     config.optim.learning_rate = 2e-5
-    config.optim.warmup_steps = 10
+    config.optim.warmup_fraction = 0.05  # 10 of the 200 steps
     config.optim.weight_decay = 0.0
     config.checkpoint.every_steps = 100
     config.log.every_steps = 10

@@ -2,7 +2,7 @@
 half as wide as Small's MLP, so the active MLP compute per token equals Small's (964M parameters, 355M active per
 token)."""
 
-from configs import base, small
+from ultrathink_jax.configs import base, small
 
 
 def get_config():

@@ -3,7 +3,7 @@
 Data: the embedded corpus (the Python standard library's source), a 2048-token BPE trained on it.
 """
 
-from configs import base
+from ultrathink_jax.configs import base
 
 
 def get_config():
@@ -16,7 +16,7 @@ def get_config():
     config.data.global_batch_size = 16
     config.train.steps = 300
     config.optim.learning_rate = 2e-3
-    config.optim.warmup_steps = 30
+    config.optim.warmup_fraction = 0.1  # 30 of the 300 steps
     config.checkpoint.every_steps = 100
     config.eval.every_steps = 100
     config.eval.max_batches = 8

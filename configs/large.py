@@ -1,9 +1,0 @@
-"""ULTRATHINK Large, ~1.3B parameters."""
-
-from configs import base
-
-
-def get_config():
-    config = base.get_config()
-    config.model = base.model_section(vocab_size=50257, max_seq_len=2048, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16, d_ff=5504, tie_embeddings=True)
-    return config
