@@ -29,7 +29,7 @@ def _config(train_file, eval_file, steps: int, layerskip: bool):
     config.data.update(train_files=str(train_file), eval_files=str(eval_file), txt_split="paragraph",
                        vocab_size=512, seq_len=128, global_batch_size=16, read_threads=1)
     config.train.update(steps=steps, sample_tokens=0)
-    config.optim.update(learning_rate=3e-3, warmup_steps=20)
+    config.optim.update(learning_rate=3e-3, warmup_steps=min(20, steps // 4))  # quick runs: warmup < steps
     config.checkpoint.every_steps = steps
     config.eval.every_steps = 0
     config.log.update(every_steps=50, progress=False, peak_tflops=1.0, tensorboard=False)
