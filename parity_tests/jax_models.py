@@ -21,6 +21,7 @@ from flax import linen as nn
 
 from ultrathink_jax import sharding
 from ultrathink_jax.config import ModelConfig
+from ultrathink_jax.data.packing import pack_documents, pack_row, stack_rows
 from ultrathink_jax.hf import export_params, tensor_table
 from ultrathink_jax.losses import cross_entropy
 from ultrathink_jax.layers.attention import attention_mask
@@ -31,6 +32,7 @@ from ultrathink_jax.params import abstract_params
 from ultrathink_jax.tree import leaf_at
 
 VOCAB = 256
+EOS = 0  # packed documents' end-of-text id
 _BASE = dict(vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=128, init_std=0.1,
              router_aux_loss_weight=0.02, router_z_loss_weight=0.0,  # z-loss has no transformers counterpart
              router_aux_loss_per_layer=False)  # transformers' pooled aux loss, so losses compare exactly
@@ -76,6 +78,25 @@ def text_batch(batch: int, length: int = SEQ, seed: int = 0, held_out: bool = Tr
     data = _text_bytes(_HELD_OUT_FILES if held_out else _TRAIN_FILES)
     starts = np.random.default_rng(seed).integers(0, len(data) - length, batch)
     return np.stack([data[s:s + length] for s in starts])
+
+
+def packed_rows(n_rows: int, length: int = SEQ, seed: int = 0, random_ids: bool = False) -> list[dict]:
+    """`n_rows` consecutive rows of documents (2-24 tokens + EOS each) packed by the data pipeline's own packer, so
+    each row holds several documents with their segment ids, restarting positions and boundary weights. Documents
+    are consecutive pieces of the training text, or random ids; id 0 (never in Python sources) is the EOS."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 25, 3 * n_rows * length // 13 + 8)
+    if random_ids:
+        docs = [rng.integers(1, VOCAB, n) for n in lengths]
+    else:
+        ends = np.cumsum(lengths)
+        docs = np.split(_text_bytes(_TRAIN_FILES)[:ends[-1]], ends[:-1])
+    stream = pack_documents(docs, EOS, VOCAB)
+    return [pack_row(stream, r, length, EOS) for r in range(n_rows)]
+
+
+def packed_batch(rows: int, length: int = SEQ, seed: int = 0, random_ids: bool = False) -> dict[str, np.ndarray]:
+    return stack_rows(packed_rows(rows, length, seed, random_ids))
 
 
 def random_batch(batch: int, length: int = SEQ, seed: int = 0) -> np.ndarray:

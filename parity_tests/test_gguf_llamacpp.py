@@ -10,7 +10,6 @@ of JAX in f32 (q8_0 within GGUF_Q8_0_LOGITS_REL), and the same greedy 32 tokens.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sysconfig
 from pathlib import Path
@@ -18,22 +17,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import extra_python, shared_data
 from parity_tests import jax_models as jm
 from parity_tests.test_hf4_compat import random_params
 from parity_tests.tolerances import GGUF_LOGITS_REL, GGUF_Q8_0_LOGITS_REL
 from ultrathink_jax.hf.gguf_export import GGUFLayoutError, export_gguf, gguf_refusal
 
 REPO = Path(__file__).resolve().parents[1]
-LLAMA_PYTHON = Path(os.environ.get("ULTRATHINK_LLAMA_PYTHON") or REPO / ".venv-llama" / "bin" / "python")
 CHECK_SCRIPT = REPO / "parity_tests" / "llamacpp_check.py"
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 NEW_TOKENS = 32
 EDGE_TEXT = "def split(s, comments=False):\n    return <|endoftext|> h\u00e9llo  w\u00f6rld\t\n  x's 12345 \u4e2d\u6587!\n\n"
 
 
 def real_text() -> str:
     """Wikitext-2 (a mix of prose, numbers, punctuation and non-ASCII) plus whitespace / special-token edge cases."""
-    return WIKITEXT.read_text(encoding="utf-8")[5000:7000] + EDGE_TEXT
+    return shared_data("wikitext-2/valid.txt").read_text(encoding="utf-8")[5000:7000] + EDGE_TEXT
 
 
 def tokenizers():
@@ -70,11 +68,10 @@ def cases(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama(cases, tmp_path_factory):
-    assert LLAMA_PYTHON.is_file(), (f"no llama-cpp-python at {LLAMA_PYTHON}: `make test` builds .venv-llama "
-                                    "(or set ULTRATHINK_LLAMA_PYTHON)")
+    llama_python = extra_python(".venv-llama", "ULTRATHINK_LLAMA_PYTHON")
     work = tmp_path_factory.mktemp("llamacpp")
     (work / "request.json").write_text(json.dumps({"models": {n: c[5] for n, c in cases.items()}}))
-    run = subprocess.run([str(LLAMA_PYTHON), str(CHECK_SCRIPT), str(work / "request.json"), str(work / "out")],
+    run = subprocess.run([str(llama_python), str(CHECK_SCRIPT), str(work / "request.json"), str(work / "out")],
                          capture_output=True, text=True, timeout=600, cwd=work)
     summary_file = work / "out" / "summary.json"
     assert run.returncode in (0, 1) and summary_file.is_file(), \

@@ -1,10 +1,11 @@
 """Exports load exactly in transformers 4.x too, not only in the 5.x this venv tests against.
 
 The exported directories are loaded by `parity_tests/hf4_check.py` under a separate python whose transformers is
-4.x (`.venv-hf4/bin/python` at the repo root, or $ULTRATHINK_HF4_PYTHON); every 4.x test is skipped when there is
-none. Checked: loading with no missing / unexpected tensors as the expected class, logits vs JAX and vs
-transformers 5.x, greedy generation vs JAX, tokenizer ids vs ours and 5.x, a sharded bfloat16 export, a windowed
-dense (qwen2_moe) export, and the one layout 4.x refuses (qwen2_moe with an explicit head_dim), which export warns.
+4.x (`.venv-hf4/bin/python` at the repo root, or $ULTRATHINK_HF4_PYTHON); every 4.x test fails when there is
+none (`make test` builds it). Checked: loading with no missing / unexpected tensors as the expected class, logits
+vs JAX and vs transformers 5.x, greedy generation vs JAX, tokenizer ids vs ours and 5.x, a sharded bfloat16 export,
+a windowed dense (qwen2_moe) export, and the one layout 4.x refuses (qwen2_moe with an explicit head_dim), which
+export warns.
 """
 
 from __future__ import annotations
@@ -23,15 +24,13 @@ import pytest
 import torch
 from flax import linen as nn
 
+from conftest import extra_python
 from parity_tests import jax_models as jm
 from parity_tests.tolerances import assert_logits_close
 from ultrathink_jax.hf import HFCompatibilityWarning, export_params, family
 from ultrathink_jax.params import abstract_params
 
 REPO = Path(__file__).resolve().parents[1]
-HF4_PYTHON = Path(os.environ.get("ULTRATHINK_HF4_PYTHON") or REPO / ".venv-hf4" / "bin" / "python")
-needs_hf4 = pytest.mark.skipif(not HF4_PYTHON.is_file(), reason=f"no transformers 4.x python at {HF4_PYTHON} "
-                               "(create .venv-hf4, see the Makefile, or set ULTRATHINK_HF4_PYTHON)")
 CHECK_SCRIPT = REPO / "parity_tests" / "hf4_check.py"
 NEW_TOKENS = 32
 SAMPLE_TEXT = "def split(s, comments=False):\n    return <|endoftext|> h\u00e9llo  w\u00f6rld\t\n"
@@ -94,13 +93,18 @@ def cases(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf4(cases, tmp_path_factory):
+def hf4_python():
+    return extra_python(".venv-hf4", "ULTRATHINK_HF4_PYTHON")  # fails, naming how to build it, when absent
+
+
+@pytest.fixture(scope="module")
+def hf4(hf4_python, cases, tmp_path_factory):
     """(summary.json contents, output dir) of one hf4_check.py run over every case."""
     work = tmp_path_factory.mktemp("hf4")
     request = {"models": {name: {"dir": str(d), "input_ids": (tokens() % cfg.vocab_size).tolist(), **extra}
                           for name, (cfg, _, d, extra) in cases.items()}}
     (work / "request.json").write_text(json.dumps(request))
-    run = subprocess.run([str(HF4_PYTHON), str(CHECK_SCRIPT), str(work / "request.json"), str(work / "out")],
+    run = subprocess.run([str(hf4_python), str(CHECK_SCRIPT), str(work / "request.json"), str(work / "out")],
                          capture_output=True, text=True, timeout=600, cwd=work,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     summary_file = work / "out" / "summary.json"
@@ -119,12 +123,10 @@ def result(hf4, name: str) -> tuple[dict, dict]:
 LOADED = ["dense", "mixtral", "qwen2_moe", "dense_window", "mixtral_sharded_bf16", "with_tokenizer"]
 
 
-@needs_hf4
-def test_the_hf4_python_really_runs_transformers_4(hf4):
-    assert hf4[0]["transformers"].startswith("4."), f"{HF4_PYTHON} runs transformers {hf4[0]['transformers']}"
+def test_the_hf4_python_really_runs_transformers_4(hf4, hf4_python):
+    assert hf4[0]["transformers"].startswith("4."), f"{hf4_python} runs transformers {hf4[0]['transformers']}"
 
 
-@needs_hf4
 @pytest.mark.parametrize("name", LOADED)
 def test_export_loads_in_transformers4_as_its_family_with_every_tensor_used(name, cases, hf4):
     record, _ = result(hf4, name)
@@ -134,7 +136,6 @@ def test_export_loads_in_transformers4_as_its_family_with_every_tensor_used(name
     assert not any(record["loading"].values()), f"{name}: transformers 4.x loading report {record['loading']}"
 
 
-@needs_hf4
 @pytest.mark.parametrize("name", list(jm.MODELS) + ["mixtral_sharded_bf16"])
 def test_transformers4_logits_match_jax(name, cases, hf4):
     cfg, params, _, _ = cases[name]
@@ -143,7 +144,6 @@ def test_transformers4_logits_match_jax(name, cases, hf4):
                         f"{name}: transformers 4.x vs JAX logits")
 
 
-@needs_hf4
 @pytest.mark.parametrize("name", LOADED)
 def test_transformers4_logits_match_transformers5(name, cases, hf4):
     """(JAX vs 5.x on these layouts is tested in test_jax_forward.py and tests/test_hf_export.py.)"""
@@ -157,7 +157,6 @@ def test_transformers4_logits_match_transformers5(name, cases, hf4):
     assert_logits_close(torch.from_numpy(arrays["logits"]), ref, f"{name}: transformers 4.x vs 5.x logits")
 
 
-@needs_hf4
 @pytest.mark.parametrize("name", list(jm.MODELS))
 def test_transformers4_greedy_generation_matches_jax(name, cases, hf4):
     from ultrathink_jax.generate import generate
@@ -169,7 +168,6 @@ def test_transformers4_greedy_generation_matches_jax(name, cases, hf4):
     assert theirs == ours, f"{name}: transformers 4.x greedy {theirs} vs JAX {ours}"
 
 
-@needs_hf4
 def test_transformers4_tokenizer_encodes_and_decodes_like_ours_and_transformers5(cases, hf4):
     import transformers
 
@@ -186,7 +184,6 @@ def test_transformers4_tokenizer_encodes_and_decodes_like_ours_and_transformers5
     assert special["decoded"] == SAMPLE_TEXT, f"4.x decodes to {special['decoded']!r}"
 
 
-@needs_hf4
 def test_transformers4_refuses_qwen2_moe_with_explicit_head_dim(hf4):
     """Keeps the export warning honest: if 4.x ever loads this layout, the warning must go."""
     error = hf4[0]["models"]["qwen2_moe_head_dim"].get("error", "")

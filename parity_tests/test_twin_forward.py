@@ -129,3 +129,37 @@ def test_router_jitter_only_perturbs_training_forward(reference):
         train = jittery.train()(ids).logits
     assert torch.equal(eval_a, eval_b), "eval forward must be deterministic"
     assert float((train - eval_a).abs().max()) > 1e-3, "jitter 0.5 left the training forward unchanged"
+
+
+def packed_row():
+    """One row of three documents (5, 9 and 4 tokens; 9 is longer than every sliding window) as the JAX data
+    pipeline packs them: segment ids 1, 2, 3 and positions restarting at 0 with each document."""
+    docs = [token_batch(1, n, seed=n)[0] for n in (5, 9, 4)]
+    segments = torch.cat([torch.full((len(d),), i + 1) for i, d in enumerate(docs)])[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    return docs, torch.cat(docs)[None], segments, positions
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_packed_row_logits_match_transformers_packed_sequences(name, reference, twin):
+    """transformers reads packing from restarting position_ids (no attention mask); the twin from segment ids."""
+    _, ids, segments, positions = packed_row()
+    with torch.no_grad():
+        ours = twin(name)(ids, position_ids=positions, segment_ids=segments).logits
+        ref = reference(name)[0](ids, position_ids=positions, use_cache=False).logits
+    assert_logits_close(ours, ref, f"{name}: packed row, twin vs transformers")
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_head_dim", "mixtral_window"])
+def test_packed_documents_get_the_logits_they_get_alone(name, twin):
+    docs, ids, segments, positions = packed_row()
+    with torch.no_grad():
+        packed = twin(name)(ids, position_ids=positions, segment_ids=segments).logits[0]
+        alone = torch.cat([twin(name)(d[None]).logits[0] for d in docs])
+    assert_logits_close(packed, alone, f"{name}: packed row vs each document alone")
+
+
+def test_segment_ids_without_positions_are_refused(twin):
+    _, ids, segments, _ = packed_row()
+    with pytest.raises(ValueError, match="segment_ids .* need position_ids"):
+        twin("llama_gqa_head_dim")(ids, segment_ids=segments)

@@ -96,14 +96,14 @@ def test_filled_kv_equals_what_the_layer_itself_writes():
     slot = layerwise.layer_slots(DENSE)[1]
     layer = layerwise.unstack_layers(params, DENSE)[1]
     x = jax.random.normal(jax.random.key(0), (2, 1, DENSE.d_model))
-    cache = init_cache(DENSE, 2, 8)
+    cache = layerwise.split_cache(DENSE, init_cache(DENSE, 2, 8))
     ctx, cache = layerwise.context(DENSE, jnp.full((2, 1), 3), jnp.ones((2, 1), jnp.int32),
                                    {**cache, "index": jnp.int32(3)})
     _, ran = layerwise.run_layer(DENSE, slot, layer, x, ctx, cache)
     filled = layerwise.fill_kv(DENSE, slot, layer, x, ctx, cache)
     for n in ("k", "v"):
-        a, b = ran["stages"]["layers"][0][n], filled["stages"]["layers"][0][n]
-        assert np.allclose(a, b, atol=1e-6) and np.abs(a[1, :, 3]).sum() > 0
+        a, b = ran["layers"][1][n], filled["layers"][1][n]
+        assert np.allclose(a, b, atol=1e-6) and np.abs(a[:, 3]).sum() > 0
 
 
 def test_early_exit_at_threshold_one_is_plain_decoding(dense):
@@ -136,3 +136,17 @@ def test_early_exit_rejects_bad_settings(dense):
                     (EarlyExitConfig(0.5, min_layer=2), "early_exit_min_layer=2")]:
         with pytest.raises(GenerationError, match=msg):
             EarlyExitEngine(dense, ee)
+
+
+def test_speculative_and_early_exit_on_8_devices_match_one_device(dense):
+    from ultrathink_jax import sharding
+
+    ps = prompts(6, seed=5)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded = Engine(init(DENSE), DENSE, mesh)
+    got, _ = SpeculativeEngine(sharded, SpeculativeConfig(1, 3)).generate(ps, 12)
+    assert got == dense.generate(ps, 12)
+    for threshold in (1e-9, 1.0):  # every token exits after layer 0 (KV filled), or none does; one compile
+        ee = EarlyExitConfig(threshold)
+        (one, one_stats), (eight, eight_stats) = (EarlyExitEngine(e, ee).generate(ps, 12) for e in (dense, sharded))
+        assert eight == one and eight_stats.mean_depth == one_stats.mean_depth, (threshold, eight_stats, one_stats)

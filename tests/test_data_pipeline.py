@@ -308,6 +308,7 @@ def test_default_config_is_valid():
     ("max_chars", -5, "max_chars=-5 must be >= 0"),
     ("read_threads", 0, "read_threads=0 must be >= 1"),
     ("hf_eval_split", "test", "hf_eval_split='test' is set but hf_dataset is empty"),
+    ("streaming", True, "streaming=True is set but hf_dataset is empty: only a Hugging Face dataset is streamed"),
 ])
 def test_bad_config_value_names_the_field(field, value, message):
     cfg = default_config()

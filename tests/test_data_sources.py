@@ -1,15 +1,15 @@
 """Text sources: embedded stdlib corpus, local .txt/.jsonl/.parquet, Hugging Face datasets, bad input."""
 
 import json
+import os
 import re
-from pathlib import Path
 
 import pytest
 
+from conftest import shared_data
 from ultrathink_jax.data.errors import DataError, DataFileNotFoundError
 from ultrathink_jax.data.sources import FileSource, HFSource, StdlibCorpus, decode_utf8
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 # ------------------------------------------------------------------------------------------ stdlib corpus
@@ -93,9 +93,8 @@ def test_max_chars_caps_a_file_source(tmp_path):
     assert len(list(FileSource(str(tmp_path / "a.txt"), txt_split="line", max_chars=35))) == 4
 
 
-@pytest.mark.skipif(not (SHARED / "tinyshakespeare" / "input.txt").is_file(), reason="shared data absent")
 def test_tinyshakespeare_paragraphs_are_read_whole():
-    source = FileSource(str(SHARED / "tinyshakespeare" / "input.txt"), txt_split="paragraph")
+    source = FileSource(str(shared_data("tinyshakespeare/input.txt")), txt_split="paragraph")
     docs = list(source)
     assert len(docs) > 7000 and docs[0].startswith("First Citizen:"), (len(docs), docs[0][:20])
     assert source.stats.invalid_utf8 == 0
@@ -214,3 +213,16 @@ def test_corrupt_parquet_names_the_file(tmp_path):
     f.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=re.escape(f"cannot read parquet file {f}")):
         list(FileSource(str(f)))
+
+
+def test_hf_dataset_token_cache_is_rebuilt_when_its_files_change(hf_dir, tmp_path):
+    from ultrathink_jax.data import load_tokens, train_tokenizer
+
+    tokenizer = train_tokenizer(["train 0 1 2 3 4 edited"], 300)
+    before, _ = load_tokens(HFSource(str(hf_dir), split="train", text_column="content"), tokenizer, tmp_path / "c")
+    data = hf_dir / "train.jsonl"
+    data.write_text(json.dumps({"content": "edited"}) + "\n")
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))  # a new mtime, even on coarse clocks
+    after, _ = load_tokens(HFSource(str(hf_dir), split="train", text_column="content"), tokenizer, tmp_path / "c")
+    assert after.tokens.tolist() == tokenizer.encode("edited") + [tokenizer.eos_id], \
+        f"same dataset name, edited file: got the cached tokens {after.tokens.tolist()} (before: {before.n_tokens})"

@@ -222,6 +222,19 @@ def test_dataset_of_only_empty_documents_says_no_text_found(tmp_path, tokenizer)
         _stream_iter(empty, tokenizer)
 
 
+@pytest.mark.parametrize("field,value", [("read_threads", 8), ("prefetch_buffer_size", 1)])
+def test_reader_settings_a_stream_cannot_use_are_warned_about_by_name(dataset, tokenizer, caplog, field, value):
+    with caplog.at_level("WARNING", logger="ultrathink_jax.data.pipeline"):
+        _stream_iter(dataset, tokenizer, **{field: value})
+    assert f"{field}={value} not used for the training stream" in caplog.text, caplog.text
+
+
+def test_default_reader_settings_give_a_stream_no_warning(dataset, tokenizer, caplog):
+    with caplog.at_level("WARNING", logger="ultrathink_jax.data.pipeline"):
+        _stream_iter(dataset, tokenizer)
+    assert "not used for the training stream" not in caplog.text, caplog.text
+
+
 def test_shuffle_buffer_rows_must_be_positive(dataset):
     with pytest.raises(DataError, match=r"shuffle_buffer_rows=0 must be >= 1"):
         validate(_cfg(dataset, shuffle_buffer_rows=0))

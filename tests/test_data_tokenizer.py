@@ -3,16 +3,12 @@ save -> AutoTokenizer reload, clear errors."""
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
+from conftest import shared_data
 from ultrathink_jax.data.errors import DataFileNotFoundError, TokenizerError
 from ultrathink_jax.data.tokenizer import BUILTIN, ENDOFTEXT, load_tokenizer, train_tokenizer
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-GPT2 = SHARED / "gpt2-tokenizer"
-needs_gpt2 = pytest.mark.skipif(not (GPT2 / "vocab.json").is_file(), reason=f"shared data absent: {GPT2}")
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",
@@ -50,12 +46,12 @@ def test_unknown_builtin_tokenizer_names_the_shipped_ones():
         load_tokenizer("builtin:gpt3")
 
 
-@needs_gpt2
 def test_shipped_gpt2_tokenizer_encodes_as_the_original_vocab_and_merges_files():
-    original = load_tokenizer(f"{GPT2 / 'vocab.json'},{GPT2 / 'merges.txt'}")
+    gpt2 = shared_data("gpt2-tokenizer")
+    original = load_tokenizer(f"{gpt2 / 'vocab.json'},{gpt2 / 'merges.txt'}")
     text = SENTENCE + " " + " ".join(TEXTS[:3]) + ENDOFTEXT
     assert original.encode(text) == load_tokenizer("builtin:gpt2").encode(text)
-    assert original.encode(text) == load_tokenizer(GPT2).encode(text)  # the directory form of the same files
+    assert original.encode(text) == load_tokenizer(gpt2).encode(text)  # the directory form of the same files
 
 
 def test_gpt2_saved_tokenizer_reloads_in_transformers_with_the_same_ids(tmp_path):

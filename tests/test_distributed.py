@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -49,17 +50,18 @@ def _env(devices: int) -> dict:
     return env
 
 
-def _start_two(argv: list[str], workdir: Path, extra: list[str] = ()) -> list[subprocess.Popen]:
+def _start_two(argv: list[str], workdir: Path, extra: Sequence[str] = ()) -> list[subprocess.Popen]:
     address = f"localhost:{_free_port()}"
+    env = dict(_env(4), HF_DATASETS_CACHE=str(workdir.parent / "hf_cache"))
     return [subprocess.Popen([sys.executable, *argv, f"--workdir={workdir}", "--config=configs/default.py",
                               *OVERRIDES, *extra, f"--coordinator_address={address}", "--num_processes=2",
-                              f"--process_id={i}"], cwd=REPO, env=_env(4), stdout=subprocess.PIPE,
+                              f"--process_id={i}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for i in range(2)]
 
 
-def _train_two(workdir: Path) -> dict[int, float]:
+def _train_two(workdir: Path, extra: Sequence[str] = ()) -> dict[int, float]:
     losses = workdir.parent / f"{workdir.name}-losses.json"
-    procs = _start_two([str(DRIVER), f"--losses={losses}"], workdir)
+    procs = _start_two([str(DRIVER), f"--losses={losses}"], workdir, extra)
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -128,30 +130,124 @@ def test_two_process_checkpoint_resumes_in_one_process_and_back(runs):
     assert _max_diff(_params(root / "one-then-two", STEPS), _params(root / "one", STEPS)) <= TOL
 
 
-def test_killing_one_process_ends_the_other_with_one_clear_line(tmp_path):
+def _write_stream_dataset(directory: Path, n_files: int = 4, docs_per_file: int = 100) -> Path:
+    """A local Hugging Face json dataset of `n_files` shards (2 processes get 2 whole shards each) of documents
+    so short that a few steps read several chunks: a resume must skip into the process's part of the stream."""
+    import random
+
+    rng = random.Random(0)
+    words = "the cat sat on a mat and a dog ran to the park while birds sang in old trees".split()
+    directory.mkdir(parents=True)
+    for f in range(n_files):
+        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 3))) for _ in range(docs_per_file)]
+        (directory / f"part-{f}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return directory
+
+
+def test_two_processes_streaming_their_own_shards_resume_like_an_uninterrupted_run(tmp_path):
+    import argparse
+
+    from ultrathink_jax.data import HFSource, load_tokenizer
+    from ultrathink_jax.data.streaming import StreamingTrainIterator
+
+    steps, saved = 4, 2
+    extra = [f"--config.data.hf_dataset={_write_stream_dataset(tmp_path / 'stream')}",
+             "--config.data.streaming=true", "--config.data.shuffle_buffer_rows=4",
+             f"--config.train.steps={steps}", f"--config.checkpoint.every_steps={saved}"]
+    full = _train_two(tmp_path / "full", extra)
+    resumed = _train_two(_only_checkpoint(tmp_path / "full", tmp_path / "resumed", saved), extra)
+    assert resumed == {s: v for s, v in full.items() if s > saved}, (resumed, full)
+    assert _max_diff(_params(tmp_path / "resumed", steps), _params(tmp_path / "full", steps)) == 0
+    # The checkpoint holds each process's own bounded state, in process order: what an iterator over that
+    # process's part of the stream reports after the same rows.
+    state = json.loads((tmp_path / "full" / "checkpoints" / str(saved) / "data" / "metadata").read_text())
+    _, config = parse_config_args(argparse.ArgumentParser(), ["--config=configs/default.py", *OVERRIDES, *extra])
+    d = config.data
+    source = HFSource(d.hf_dataset, d.hf_config, d.hf_split, d.text_column, d.streaming, d.max_chars)
+    tokenizer = load_tokenizer(tmp_path / "full" / "tokenizer")
+    assert len(state["processes"]) == 2, state
+    for p, saved_state in enumerate(state["processes"]):
+        it = StreamingTrainIterator(source, tokenizer, d, process_index=p, process_count=2)
+        for _ in range(saved):
+            next(it)
+        assert saved_state == json.loads(json.dumps(it.get_state())), (p, saved_state)
+        assert saved_state["block_start"]["documents"] > 0, f"process {p}'s resume skips nothing: {saved_state}"
+        assert len(saved_state["block_start"]["carry"]) <= d.seq_len, saved_state
+    assert state["processes"][0]["stats"] != state["processes"][1]["stats"], "both processes read the same text"
+    assert len(json.dumps(state)) < 3000, len(json.dumps(state))
+
+
+def _service_processes(address: str) -> list[str]:
+    """Live coordination-service processes (coordination_service.py) serving `address`'s port."""
+    port = address.rsplit(":", 1)[1]
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode().split("\0")
+        except OSError:  # exited meanwhile
+            continue
+        if any(a.endswith("coordination_service.py") for a in argv) and any(a.endswith(f":{port}") for a in argv):
+            found.append(cmdline.parent.name)
+    return found
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_killing_either_process_ends_the_other_with_one_clear_line(tmp_path, victim):
     heartbeat = 4
     procs = _start_two(["-m", "launch.train"], tmp_path / "run",
                        ["--config.train.steps=100000", "--config.log.progress=true",
                         f"--heartbeat_timeout={heartbeat}"])
-    main, peer = procs
-    os.set_blocking(main.stderr.fileno(), True)
+    address = next(a for a in procs[0].args if a.startswith("--coordinator_address=")).split("=", 1)[1]
+    survivor = procs[1 - victim]
+    os.set_blocking(procs[0].stderr.fileno(), True)
     seen = ""
     deadline = time.monotonic() + 240
     while "step 2/" not in seen:  # both processes are past compilation, inside the collective steps
-        line = main.stderr.readline()
-        assert line and time.monotonic() < deadline, seen[-3000:] + peer.communicate()[1][-2000:]
+        line = procs[0].stderr.readline()
+        assert line and time.monotonic() < deadline, seen[-3000:] + procs[1].communicate()[1][-2000:]
         seen += line
-    peer.send_signal(signal.SIGKILL)
+    procs[victim].send_signal(signal.SIGKILL)
     killed = time.monotonic()
-    _, err = main.communicate(timeout=heartbeat + 60)
+    _, err = survivor.communicate(timeout=heartbeat + 60)
     seconds = time.monotonic() - killed
-    peer.wait()
-    lines = [l for l in err.splitlines() if "error:" in l]
-    assert main.returncode == 3, err[-3000:]
-    assert lines == [f"launch.train: error: process(es) [1] of 2 stopped responding (no heartbeat for {heartbeat}s)"
-                     "; exiting (process 0). Rerun the same commands to resume from the last checkpoint."], err[-3000:]
+    procs[victim].wait()
+    assert survivor.returncode == 3, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last == (f"launch.train: error: process(es) [{victim}] of 2 stopped responding (no heartbeat for "
+                    f"{heartbeat}s); exiting (process {1 - victim}). Rerun the same commands to resume from the "
+                    "last checkpoint."), err[-3000:]
+    assert "Terminating process" not in err and "stack trace" not in err, err[-3000:]
     assert seconds < heartbeat + 15, seconds
-    print(f"process 0 exited {seconds:.1f}s after process 1 was killed")
+    # process 0's coordination service process does not outlive the job
+    while _service_processes(address) and time.monotonic() < killed + heartbeat + 15:  # it lingers at most +30
+        time.sleep(0.2)
+    assert not _service_processes(address), f"coordination service for {address} still running"
+    print(f"process {1 - victim} exited {seconds:.1f}s after process {victim} was killed")
+
+
+def test_a_coordinator_port_taken_by_another_program_is_one_error_line():
+    from ultrathink_jax.coordination_service import ServiceProcess, ServiceStartError
+
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::", 0))
+        taken.listen()
+        address = f"[::]:{taken.getsockname()[1]}"
+        with pytest.raises(ServiceStartError, match=rf"the coordination service on \[::\]:\d+ did not start: \S"):
+            ServiceProcess(address, 2, heartbeat_timeout=5, shutdown_timeout=10, recoverable=True)
+    assert not _service_processes(address)
+
+
+def test_an_unreachable_coordinator_is_one_error_line_after_the_init_timeout(tmp_path):
+    address = f"localhost:{_free_port()}"  # nothing listens there
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "launch.train", f"--workdir={tmp_path / 'run'}",
+                           f"--coordinator_address={address}", "--num_processes=2", "--process_id=1",
+                           "--init_timeout=2"], cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        f"launch.train: error: cannot reach the coordinator at {address} within 2s ([Errno 111] Connection "
+        "refused): is process 0 running, and its address reachable from this host?"], done.stderr[-3000:]
+    assert time.monotonic() - start < 60
 
 
 def test_train_eval_generate_clis_run_on_eight_devices_in_one_process(runs):

@@ -11,7 +11,6 @@ from flax import linen as nn
 from model_fixtures import logits_of, tiny_config
 from ultrathink_jax import sharding
 from ultrathink_jax.generate import Engine, GenerationError, SamplingConfig, generate
-from ultrathink_jax.generate.engine import _programs
 from ultrathink_jax.params import abstract_params
 
 PROMPTS = [[5, 9, 17], [3, 1, 4, 1, 5, 9, 2, 6], [42]]  # different lengths: rows are left-padded differently
@@ -92,15 +91,30 @@ def test_rows_stop_at_the_models_context_length():
     assert [len(row) for row in got] == [3, 10]
 
 
-def test_prompts_in_the_same_bucket_reuse_the_compiled_programs():
+def test_prompts_in_the_same_bucket_reuse_the_compiled_programs(monkeypatch):
+    """Counts traces (jit traces again exactly when it must compile again): the sampling step runs in Python
+    once per trace of prefill and of the decode loop."""
+    from ultrathink_jax.generate import engine as engine_lib
+
+    traces = []
+
+    def counted(*args, **kwargs):
+        traces.append(1)
+        return real(*args, **kwargs)
+
+    real = engine_lib.choose_token
+    monkeypatch.setattr(engine_lib, "choose_token", counted)
     cfg, params = model()
     engine = Engine(params, cfg)
-    prefill, _, decode = _programs(cfg, SamplingConfig(), engine.mesh)
-    engine.generate([[1, 2, 3], [4]], 5)
-    compiled = prefill._cache_size(), decode._cache_size()
-    engine.generate([[4, 5, 6, 7, 8, 9, 10], [11]], 7)  # other lengths, same buckets (batch 2, width 16, 16 new)
-    engine.generate([[12, 13], [14, 15, 16]], 12, eos_id=3)
-    assert (prefill._cache_size(), decode._cache_size()) == compiled
+    sampling = SamplingConfig(temperature=0.625)  # settings no other test uses: programs built afresh here
+    engine.generate([[1, 2, 3], [4]], 5, sampling=sampling)
+    first = len(traces)
+    assert first >= 2, f"{first} traces for one prefill + decode"
+    engine.generate([[4, 5, 6, 7, 8, 9, 10], [11]], 7, sampling=sampling)  # other lengths, same buckets
+    engine.generate([[12, 13], [14, 15, 16]], 12, eos_id=3, sampling=sampling)
+    assert len(traces) == first, f"{len(traces) - first} new traces for prompts in the same buckets"
+    engine.generate([[1] * 20, [2]], 5, sampling=sampling)  # width 32: a new bucket must trace again
+    assert len(traces) > first, "a new bucket was not traced: the count does not see compilations"
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import required_module
 from ultrathink_jax.generate.sampling import (GenerationError, SamplingConfig, next_token, process_logits,
                                               repetition_penalty, top_k_filter, top_p_filter)
 
@@ -73,8 +74,8 @@ def test_process_logits_applies_penalty_temperature_top_k_then_top_p():
 
 
 def test_process_logits_matches_transformers_processors():
-    torch = pytest.importorskip("torch")
-    gen = pytest.importorskip("transformers.generation.logits_process")
+    torch = required_module("torch")
+    gen = required_module("transformers.generation.logits_process")
     ids = torch.tensor([np.flatnonzero(row)[:2].tolist() for row in SEEN])  # two seen ids per row
     seen = np.zeros_like(SEEN)
     seen[np.arange(3)[:, None], ids.numpy()] = True

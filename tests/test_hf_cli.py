@@ -69,7 +69,7 @@ def test_launch_train_resumes_an_imported_run_from_step_zero(imported):
 
     _, workdir, _ = imported
     config = load_config_file(str(workdir / "config.py"))
-    config.train.steps = 2
+    config.train.steps, config.optim.warmup_steps = 2, 1  # warmup must end before the run does
     result = train(config, workdir)
     assert (result.start_step, result.final_step) == (0, 2), f"run went {result.start_step} -> {result.final_step}"
     assert 0 in checkpoint_steps(workdir) and 2 in checkpoint_steps(workdir)
@@ -111,3 +111,26 @@ def test_import_cli_refuses_a_workdir_with_checkpoints(imported, capsys):
     hf_dir, workdir, _ = imported
     assert import_hf.main([f"--hf_dir={hf_dir}", f"--workdir={workdir}"]) == 2
     _one_error_line(capsys, "already holds checkpoints")
+
+
+def test_import_keeps_the_training_configs_router_aux_loss_weight_and_says_so(imported, tmp_path, caplog):
+    """An HF config.json's router_aux_loss_coef is the original training's choice; the fine-tuning config's wins."""
+    import dataclasses
+
+    import jax
+    from flax import linen as nn
+
+    from ultrathink_jax.hf.run import import_run
+
+    _, _, (train_file, eval_file) = imported
+    moe = dataclasses.replace(MODEL, n_experts=2, n_experts_per_tok=1, router_aux_loss_weight=0.05)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda x: (0.05 * rng.standard_normal(x.shape)).astype(np.float32),
+                          nn.unbox(abstract_params(moe)))
+    hf_dir = export_params(params, moe, tmp_path / "hf", tokenizer=train_tokenizer([train_file.read_text()], 300))
+    config = tiny_config(train_file, eval_file, **{"model.router_aux_loss_weight": 0.2})
+    with caplog.at_level("WARNING", logger="ultrathink_jax.hf.run"):
+        import_run(hf_dir, tmp_path / "run", config)
+    assert json.loads((tmp_path / "run" / "model_config.json").read_text())["router_aux_loss_weight"] == 0.2
+    assert "router_aux_loss_weight=0.2 from the training config is used, not the router_aux_loss_coef=0.05" \
+        in caplog.text, caplog.text

@@ -13,6 +13,7 @@ from flax import linen as nn
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from conftest import required_module
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.hf import (ExportError, HFCheckpointNotFoundError, HFFormatError, export_params, family,
                                from_hf_config, load_hf, tensor_table, to_hf_config)
@@ -197,7 +198,7 @@ def test_export_rejects_an_unknown_dtype(tmp_path):
 
 
 def test_tokenizer_files_load_in_transformers_with_special_tokens(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = required_module("transformers")
     from ultrathink_jax.data import train_tokenizer
 
     tok = train_tokenizer(["def f(x):\n    return x + 1\n"] * 20, vocab_size=300)

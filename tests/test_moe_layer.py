@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from conftest import required_module
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.moe import MoEMLP
 
@@ -55,8 +56,8 @@ def load_experts(block, p):
 
 @pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh"])
 def test_matches_transformers_mixtral_sparse_moe_block(activation):
-    torch = pytest.importorskip("torch")
-    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    torch = required_module("torch")
+    mixtral = required_module("transformers.models.mixtral.modeling_mixtral")
     from transformers import MixtralConfig
     cfg = dataclasses.replace(CFG, activation=activation)
     params, x, valid = init(cfg)
@@ -72,8 +73,8 @@ def test_matches_transformers_mixtral_sparse_moe_block(activation):
 
 
 def test_matches_transformers_qwen2_moe_block_with_shared_expert_and_unnormalised_topk():
-    torch = pytest.importorskip("torch")
-    qwen = pytest.importorskip("transformers.models.qwen2_moe.modeling_qwen2_moe")
+    torch = required_module("torch")
+    qwen = required_module("transformers.models.qwen2_moe.modeling_qwen2_moe")
     from transformers import Qwen2MoeConfig
     cfg = dataclasses.replace(CFG, shared_expert_d_ff=20, norm_topk_prob=False)
     params, x, valid = init(cfg)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import required_module
 from ultrathink_jax.moe import router
 
 E, K = 6, 2
@@ -78,8 +79,8 @@ def test_load_balance_loss_matches_numpy_switch_formula_excluding_padding(logits
 
 
 def test_pooled_load_balance_loss_equals_transformers_aux_loss_over_layers(logits, valid):
-    torch = pytest.importorskip("torch")
-    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    torch = required_module("torch")
+    mixtral = required_module("transformers.models.mixtral.modeling_mixtral")
     layers = [logits, logits[::-1] * 0.5 + 1.0]  # two MoE layers, same padding
     per_layer = [layer_aux(l, valid) for l in layers]
     aux_moe = {name: jnp.stack([p[i] for p in per_layer])

@@ -122,6 +122,14 @@ def test_mfu_is_achieved_over_peak_flops():
     assert metrics.mfu(tokens_per_second=1000, flops_per_token_=1e9, peak_flops_total=4e12) == pytest.approx(0.25)
 
 
+def test_progress_without_bar_prints_messages_but_no_progress_lines():
+    stream = io.StringIO()
+    bar = metrics.Progress(total_steps=600, stream=stream, bar=False)
+    bar.update(120, loss=3.21, tokens_per_second=12345, eta_seconds=130)
+    bar.message("eval step 120: loss 3.0")
+    assert stream.getvalue() == "eval step 120: loss 3.0\n"
+
+
 def test_progress_line_shows_loss_rate_and_eta():
     stream = io.StringIO()
     bar = metrics.Progress(total_steps=600, stream=stream, width=10)

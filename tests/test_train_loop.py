@@ -1,5 +1,6 @@
 """The training loop end to end on a tiny model: loss falls, resume is exact (non-finite steps: test_train_nonfinite)."""
 
+import json
 import math
 import struct
 
@@ -77,3 +78,36 @@ def test_stopping_and_resuming_reproduces_the_uninterrupted_losses(uninterrupted
     resumed = {**first.losses, **second.losses}
     mismatches = {s: (resumed[s], full.losses[s]) for s in full.losses if resumed[s] != full.losses[s]}
     assert not mismatches, f"per-step losses differ after resume (resumed, uninterrupted): {mismatches}"
+
+
+@pytest.fixture(scope="module")
+def resumed_finished_run(uninterrupted, corpus, tmp_path_factory):
+    """The finished run resumed (nothing left to train) with log.progress=False and another data.vocab_size:
+    (workdir, console text, warnings logged)."""
+    import io
+    import logging
+    import shutil
+
+    workdir = tmp_path_factory.mktemp("resumed") / "run"
+    shutil.copytree(uninterrupted[0], workdir)
+    console, records = io.StringIO(), []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("ultrathink_jax").addHandler(handler)
+    try:
+        train(tiny_config(*corpus, **{"data.vocab_size": 400, "log.progress": False}), workdir, out=console)
+    finally:
+        logging.getLogger("ultrathink_jax").removeHandler(handler)
+    return workdir, console.getvalue(), [r.getMessage() for r in records]
+
+
+def test_progress_off_still_prints_the_run_messages_and_summary(resumed_finished_run):
+    _, console, _ = resumed_finished_run
+    assert f"resumed from checkpoint step {STEPS}" in console and "time: tokenizer" in console, console
+
+
+def test_a_vocab_size_the_workdir_tokenizer_overrides_is_warned_about_and_config_json_keeps_the_real_one(
+        resumed_finished_run):
+    workdir, _, warnings = resumed_finished_run
+    assert any("data.vocab_size=400 is ignored" in w and "(data.vocab_size=300)" in w for w in warnings), warnings
+    assert json.loads((workdir / "config.json").read_text())["data"]["vocab_size"] == 300

@@ -9,19 +9,24 @@ A dead peer must not hang the others. JAX's coordination service notices a proce
 after `heartbeat_timeout_s`; by default it then aborts every other process with a C++ stack trace. We run the
 service in recoverable mode instead (a death is recorded, nothing is aborted) and a watchdog thread asks it every
 second which processes are alive: when one has died it prints one line and exits, so a rerun of the same commands
-resumes from the last checkpoint. (If process 0, which hosts the service, dies, the others lose the service
-itself and JAX terminates them at once with its own "Terminating process ... another task died" message.)
+resumes from the last checkpoint. Process 0 is no exception: the service runs in a process of its own
+(coordination_service.py) that outlives it, so its death too is a missed heartbeat the others report. A
+coordinator that never answers is one DistributedError after `init_timeout_s`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import socket
 import sys
 import threading
 import time
 
 import jax
+
+from ultrathink_jax.coordination_service import ServiceProcess, ServiceStartError
 
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 DEAD_PEER_EXIT_CODE = 3
@@ -100,19 +105,62 @@ def initialize(settings: Settings, prog: str) -> bool:
     # CPU collectives across processes (no-op for GPU/TPU backends, which bring their own).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_enable_recoverability", True)  # see the module docstring: we report dead peers
-    jax.distributed.initialize(settings.coordinator_address, settings.num_processes, settings.process_id,
-                               initialization_timeout=settings.init_timeout_s,
-                               heartbeat_timeout_seconds=settings.heartbeat_timeout_s,
-                               shutdown_timeout_seconds=max(settings.heartbeat_timeout_s, 10))
+    try:
+        with _runtime_factories():
+            jax.distributed.initialize(settings.coordinator_address, settings.num_processes, settings.process_id,
+                                       initialization_timeout=settings.init_timeout_s,
+                                       heartbeat_timeout_seconds=settings.heartbeat_timeout_s,
+                                       shutdown_timeout_seconds=max(settings.heartbeat_timeout_s, 10))
+    except ServiceStartError as e:
+        raise DistributedError(str(e)) from None
     _watchdog = _Watchdog(prog, settings.heartbeat_timeout_s)
     _watchdog.start()
     return True
 
 
+@contextlib.contextmanager
+def _runtime_factories():
+    """`jax.distributed.initialize` has no argument for where the service runs, nor for what its client does
+    when the coordinator is unreachable (it aborts with a C++ stack trace once `init_timeout` runs out), so the
+    two factories it calls are swapped for that one call. Whichever cluster detection ran, they receive the
+    addresses, process count and timeouts JAX resolved. Process 0's service runs in a process of its own; every
+    client first waits (within `init_timeout`) until the coordinator's port answers, else one DistributedError."""
+    from jax._src import distributed as jax_distributed
+
+    module = jax_distributed._jax
+    make_service, make_client = module.get_distributed_runtime_service, module.get_distributed_runtime_client
+
+    def client_once_reachable(address, node_id, *args, init_timeout, **kwargs):
+        waited = _wait_for_coordinator(address, init_timeout)
+        return make_client(address, node_id, *args, init_timeout=max(1, int(init_timeout - waited)), **kwargs)
+
+    module.get_distributed_runtime_service, module.get_distributed_runtime_client = (ServiceProcess,
+                                                                                   client_once_reachable)
+    try:
+        yield
+    finally:
+        module.get_distributed_runtime_service, module.get_distributed_runtime_client = make_service, make_client
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> float:
+    """Seconds until a TCP connection to `address` (host:port) succeeds; DistributedError after `timeout_s`."""
+    host, _, port = address.rpartition(":")
+    start = time.monotonic()
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return time.monotonic() - start
+        except OSError as e:
+            if time.monotonic() - start >= timeout_s:
+                raise DistributedError(f"cannot reach the coordinator at {address} within {timeout_s}s ({e}): is "
+                                       "process 0 running, and its address reachable from this host?") from None
+            time.sleep(0.25)
+
+
 def finish(timeout_s: float = 60.0) -> None:
     """A clean, ordered exit: marks this process as finished (so no watchdog reports it), waits for every peer,
-    then disconnects; process 0, which hosts the service, goes last (recoverable mode has no shutdown barrier
-    of its own, and a peer still disconnecting from a vanished service is aborted by JAX)."""
+    then disconnects; process 0, whose child process hosts the service, goes last (recoverable mode has no
+    shutdown barrier of its own, and a peer still disconnecting from a vanished service is aborted by JAX)."""
     global _watchdog
     if _watchdog is None:
         return
@@ -165,7 +213,8 @@ class _Watchdog(threading.Thread):
                     dead = []
             except Exception:  # the service itself is gone
                 if not self._stop_event.is_set():
-                    self._exit("lost the coordination service (process 0)")
+                    self._exit("lost the coordination service (its process on process 0's host died, or the "
+                               "network to it failed)")
                 return
             if dead and not self._stop_event.is_set():
                 self._exit(f"process(es) {dead} of {n} stopped responding (no heartbeat for "

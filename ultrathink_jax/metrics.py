@@ -125,8 +125,10 @@ class Progress:
     """One console line per update: `step 120/600 [####------] loss 3.21 | 12.3k tok/s | ETA 2m10s`.
     Redraws in place on a terminal, else prints a line per update (logs stay readable)."""
 
-    def __init__(self, total_steps: int, enabled: bool = True, stream=None, width: int = 24):
-        self.total, self.enabled, self.width = total_steps, enabled, width
+    def __init__(self, total_steps: int, enabled: bool = True, stream=None, width: int = 24, bar: bool = True):
+        # enabled=False silences everything (processes other than 0); bar=False only the progress lines, so
+        # evaluations, warnings and the summary still print (log.progress=False)
+        self.total, self.enabled, self.width, self.bar = total_steps, enabled, width, enabled and bar
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
@@ -137,7 +139,7 @@ class Progress:
                 f"ETA {format_duration(eta_seconds)}")
 
     def update(self, step: int, loss: float, tokens_per_second: float, eta_seconds: float) -> None:
-        if not self.enabled:
+        if not self.bar:
             return
         text = self.line(step, loss, tokens_per_second, eta_seconds)
         self.stream.write(f"\r{text}\x1b[K" if self.tty else text + "\n")
@@ -150,6 +152,6 @@ class Progress:
             self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled and self.tty:
+        if self.bar and self.tty:
             self.stream.write("\n")
             self.stream.flush()

@@ -65,10 +65,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def additive_attention_mask(
-    q_start: int, n_q: int, n_k: int, window: int | None, key_valid: torch.Tensor | None, dtype: torch.dtype, device
+    q_start: int, n_q: int, n_k: int, window: int | None, key_valid: torch.Tensor | None, dtype: torch.dtype, device,
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Additive mask (B or 1, 1, n_q, n_k). Indices are cache slots, as in transformers' masks:
-    key j is visible to query i iff i - window < j <= i and key j is not padding."""
+    key j is visible to query i iff i - window < j <= i, key j is not padding and (packed rows, no cache)
+    segment_ids[j] == segment_ids[i], so the documents of a row never see each other."""
     q_idx = torch.arange(q_start, q_start + n_q, device=device)[:, None]
     k_idx = torch.arange(n_k, device=device)[None, :]
     visible = k_idx <= q_idx
@@ -77,6 +79,8 @@ def additive_attention_mask(
     visible = visible[None, None]
     if key_valid is not None:
         visible = visible & key_valid[:, None, None, :n_k].bool()
+    if segment_ids is not None:
+        visible = visible & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     # finfo.min rather than -inf: fully masked rows (left padding) give a uniform softmax instead of NaN.
     return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
 
@@ -91,7 +95,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, key_valid, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, key_valid, cache: KVCache | None, layer: int, segment_ids=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -105,7 +109,8 @@ class Attention(nn.Module):
         group = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
-        scores = scores + additive_attention_mask(past, T, k.shape[2], self.window, key_valid, scores.dtype, x.device)
+        scores = scores + additive_attention_mask(past, T, k.shape[2], self.window, key_valid, scores.dtype, x.device,
+                                                  segment_ids)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = (probs @ v).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(out)
@@ -178,8 +183,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
-    def forward(self, x, cos, sin, key_valid, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_valid, cache, self.layer)
+    def forward(self, x, cos, sin, key_valid, cache, segment_ids=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_valid, cache, self.layer, segment_ids)
         h = self.post_attention_layernorm(x)
         router_logits = None
         if isinstance(self.mlp, SparseMoE):
@@ -221,13 +226,26 @@ class CausalLM(nn.Module):
         loss_weights: torch.Tensor | None = None,
         output_router_logits: bool = False,
         cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids (B, T). attention_mask (B, past + T), 1 = real token, covers cached keys too.
-        labels (B, T) use -100 to ignore; loss_weights (B, T) weight each label's token."""
+        labels (B, T) use -100 to ignore; loss_weights (B, T) weight each label's token.
+        Packed rows, as the JAX data pipeline makes them: segment_ids (B, T) number each row's documents (0 =
+        padding) and position_ids (B, T) restart at 0 with each one; no attention_mask or cache then."""
         cfg = self.config
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        if attention_mask is not None:
+        if segment_ids is not None:
+            if attention_mask is not None or cache is not None or position_ids is None:
+                raise ValueError("segment_ids (packed rows) need position_ids and take no attention_mask or cache")
+            if segment_ids.shape != (B, T) or position_ids.shape != (B, T):
+                raise ValueError(f"segment_ids {tuple(segment_ids.shape)} and position_ids "
+                                 f"{tuple(position_ids.shape)} must both have shape {(B, T)}")
+            positions = position_ids
+        elif position_ids is not None:
+            raise ValueError("position_ids are only taken with segment_ids (packed rows)")
+        elif attention_mask is not None:
             if attention_mask.shape != (B, past + T):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
             positions = positions_from_mask(attention_mask)[:, past:]
@@ -237,7 +255,7 @@ class CausalLM(nn.Module):
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         router_logits = []
         for layer in self.model.layers:
-            x, layer_router_logits = layer(x, cos, sin, attention_mask, cache)
+            x, layer_router_logits = layer(x, cos, sin, attention_mask, cache, segment_ids)
             if layer_router_logits is not None:
                 router_logits.append(layer_router_logits)
         if cache is not None:
@@ -248,7 +266,10 @@ class CausalLM(nn.Module):
         if output_router_logits and router_logits:
             out.router_logits = tuple(router_logits)
             # Padding is excluded from the balance statistics; only this call's tokens are routed.
-            aux_mask = attention_mask[:, past:] if attention_mask is not None else None
+            if segment_ids is not None:
+                aux_mask = segment_ids > 0
+            else:
+                aux_mask = attention_mask[:, past:] if attention_mask is not None else None
             out.aux_loss = load_balancing_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok, aux_mask)
         if labels is not None:
             out.loss = causal_lm_loss(logits, labels, loss_weights)

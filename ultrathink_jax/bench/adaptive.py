@@ -15,7 +15,9 @@ import numpy as np
 TITLE = "Adaptive depth: early exit and self-speculative decoding (with and without LayerSkip training)"
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
+THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)
+MEASURES = ("max_prob", "margin")
+SPECULATIVE = ((1, 2), (1, 4), (1, 6), (2, 4), (3, 4))  # (draft layers, k)
 
 
 def _config(train_file, eval_file, steps: int, layerskip: bool):
@@ -27,7 +29,7 @@ def _config(train_file, eval_file, steps: int, layerskip: bool):
     config.data.update(train_files=str(train_file), eval_files=str(eval_file), txt_split="paragraph",
                        vocab_size=512, seq_len=128, global_batch_size=16, read_threads=1)
     config.train.update(steps=steps, sample_tokens=0)
-    config.optim.update(learning_rate=3e-3, warmup_steps=20)
+    config.optim.update(learning_rate=3e-3, warmup_steps=min(20, steps // 4))  # quick runs: warmup < steps
     config.checkpoint.every_steps = steps
     config.eval.every_steps = 0
     config.log.update(every_steps=50, progress=False, peak_tflops=1.0, tensorboard=False)
@@ -37,15 +39,37 @@ def _config(train_file, eval_file, steps: int, layerskip: bool):
     return config
 
 
-def _decode_rate(fn, repeats: int):
-    """(tokens, tokens/s of the fastest of `repeats` runs after a warm-up; prefill included in each)."""
-    tokens = fn()
-    times = []
-    for _ in range(repeats):
+def _decode_timer(prefill, decode):
+    """A () -> (tokens, stats, decode seconds) for one decoder: the prefill runs untimed, then the decode loop (the
+    prefill's first token is not counted; every later one is)."""
+    from ultrathink_jax.generate import Engine
+
+    def timed():
+        run = prefill()
+        jax.block_until_ready(run.state)
         start = time.perf_counter()
+        run, stats = decode(run)
+        jax.block_until_ready(run.state)
+        return Engine.tokens(run), stats, time.perf_counter() - start
+
+    return timed
+
+
+def _interleaved(decoders: dict, repeats: int) -> dict:
+    """{name: (tokens, stats, median decode tokens/s, median ratio to "plain")}: after a warm-up, each repeat runs
+    every decoder once, back to back, so a load swing on the shared machine hits a repeat's decoders alike."""
+    for fn in decoders.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return tokens, sum(map(len, tokens[0] if isinstance(tokens, tuple) else tokens)) / min(times)
+    rates = {name: [] for name in decoders}
+    last = {}
+    for _ in range(repeats):
+        for name, fn in decoders.items():
+            tokens, stats, seconds = fn()
+            rates[name].append(sum(len(t) - 1 for t in tokens) / seconds)
+            last[name] = (tokens, stats)
+    plain = np.asarray(rates["plain"])
+    return {name: (*last[name], float(np.median(r)), float(np.median(np.asarray(r) / plain)))
+            for name, r in rates.items()}
 
 
 def _step_cost(model, layerskip_cfg, steps: int) -> float:
@@ -77,14 +101,15 @@ def _step_cost(model, layerskip_cfg, steps: int) -> float:
 def run(quick: bool) -> str:
     from ultrathink_jax.data import load_tokenizer
     from ultrathink_jax.generate import Engine
-    from ultrathink_jax.generate.early_exit import EarlyExitConfig, EarlyExitEngine, calibrate
+    from ultrathink_jax.generate.early_exit import EarlyExitConfig, EarlyExitEngine, calibrate, evaluate
     from ultrathink_jax.generate.speculative import SpeculativeConfig, SpeculativeEngine
     from ultrathink_jax.train import layerskip, train
+    from ultrathink_jax.train.run import resolve_model_config
 
     if not DATA.is_file():
         raise FileNotFoundError(f"{DATA} is missing (the adaptive benchmark trains on tiny Shakespeare)")
     load = os.getloadavg()[0]
-    steps, repeats, n_new = (20, 1, 32) if quick else (300, 3, 128)
+    steps, repeats, n_new, rows = (20, 1, 32, 8) if quick else (300, 7, 128, 32)
     text = DATA.read_text()
     cut = int(len(text) * 0.9)
     lines = []
@@ -95,61 +120,75 @@ def run(quick: bool) -> str:
         results = {}
         for name, ls in (("plain", False), ("LayerSkip", True)):
             config = _config(tmp / "train.txt", tmp / "eval.txt", steps, ls)
-            start = time.perf_counter()
             result = train(config, tmp / name)
-            train_s = time.perf_counter() - start
-            tokenizer = load_tokenizer(str(tmp / name / "tokenizer"))
-            results[name] = (config, result, train_s, tokenizer)
+            results[name] = (config, result, load_tokenizer(str(tmp / name / "tokenizer")))
 
-        config, _, _, tokenizer = results["plain"]
-        from ultrathink_jax.train.run import resolve_model_config
-
+        config, _, tokenizer = results["plain"]
         model = resolve_model_config(config, tokenizer.vocab_size)
         ids = tokenizer.encode(text[cut:cut + 200_000])
-        held_out = np.asarray(ids[:16 * (64 if quick else 128)], np.int32).reshape(16, -1)
+        held_out = np.asarray(ids[:rows * (64 if quick else 128)], np.int32).reshape(rows, -1)
+        calibration, report = held_out[:rows // 2], held_out[rows // 2:]  # threshold chosen on one half, shown on the other
         prompt = [ids[-64:]]  # batch 1
         ls_cfg = layerskip.from_train_config(results["LayerSkip"][0].train, model.n_layers)
         cost = _step_cost(model, ls_cfg, 3 if quick else 10)
 
         lines += [f"Load average at start: {load:.1f} on a 2-core machine shared with other jobs: every speed below is "
-                  "a ratio of runs made in this one process, back to back.", "",
+                  f"a median over {repeats} repeats of ratios of runs made back to back in this one process.", "",
                   f"Models: {model.n_layers} layers, d_model {model.d_model}, vocab {model.vocab_size} (byte-level BPE "
                   f"trained on the corpus), {steps} steps of 16 x 128 tokens each on 90% of tiny Shakespeare; the "
                   f"LayerSkip model adds exit losses at layers 0-4 (rotating, scale 1) and layer dropout p_max 0.1. "
-                  f"Held-out: {held_out.shape[0]} rows x {held_out.shape[1]} tokens of the other 10%. Decoding: "
-                  f"batch 1, a 64-token prompt, {n_new} new tokens, greedy; tokens/s include the prefill (best of "
-                  f"{repeats}).", "",
+                  f"Held-out: {held_out.shape[0]} rows x {held_out.shape[1]} tokens of the other 10% (half to "
+                  f"calibrate the early-exit threshold, half reported). Decoding: batch 1, a 64-token prompt, {n_new} "
+                  f"new tokens, greedy; decode tokens/s exclude the prefill.", "",
                   f"LayerSkip step time (rotate: one exit head per step, + layer dropout): **{cost:.3f}x** the plain "
                   f"step (goal <= 1.10x).", ""]
-        speed_rows = ["| model | held-out ppl | decoder | tokens/s | vs plain | acceptance | tokens/verify | "
-                      "output = plain greedy |", "|---|---|---|---|---|---|---|---|"]
-        ee_rows = ["| model | threshold | mean exit depth | layer FLOPs saved | head-check overhead | held-out ppl | "
-                   "ppl change | greedy agreement |", "|---|---|---|---|---|---|---|---|"]
-        for name, (config, result, train_s, _) in results.items():
+        speed_rows = ["| model | held-out ppl | decoder | decode tokens/s | vs plain | acceptance | tokens/round | "
+                      "round cost (plain steps) | output = plain greedy |", "|---|---|---|---|---|---|---|---|---|"]
+        ee_rows = ["| model | measure | threshold | mean exit depth | layer FLOPs saved | head-check overhead | "
+                   "held-out ppl | ppl change | greedy agreement |", "|---|---|---|---|---|---|---|---|---|"]
+        chosen_rows = []
+        for name, (_, result, _) in results.items():
             engine = Engine(result.params, model)
-            plain, plain_tps = _decode_rate(lambda: engine.generate(prompt, n_new), repeats)
-            chosen, table = calibrate(engine.params, model, held_out, 0.02, thresholds=THRESHOLDS)
-            full_ppl = table[0].full_perplexity
-            speed_rows.append(f"| {name} | {full_ppl:.2f} | plain greedy | {plain_tps:.1f} | 1.00x | | | |")
-            for l in (1, 2, 3):
-                spec = SpeculativeEngine(engine, SpeculativeConfig(l, 4))
-                (toks, st), tps = _decode_rate(lambda: spec.generate(prompt, n_new), repeats)
-                speed_rows.append(f"| {name} | | speculative, draft {l} layers, k=4 | {tps:.1f} | "
-                                  f"{tps / plain_tps:.2f}x | {st.acceptance_rate:.1%} | {st.tokens_per_round:.2f} | "
-                                  f"{'yes' if toks == plain else 'NO'} |")
-            for r in table:
-                mark = " (calibrated)" if r.threshold == chosen else ""
-                ee_rows.append(f"| {name} | {r.threshold}{mark} | {r.mean_depth:.2f} / {model.n_layers} | "
-                               f"{r.layer_flops_saved:.1%} | {r.head_overhead:.1%} | {r.perplexity:.2f} | "
-                               f"{100 * r.perplexity_increase:+.2f}% | {r.greedy_agreement:.1%} |")
-            if chosen is not None:
-                ee = EarlyExitEngine(engine, EarlyExitConfig(chosen))
-                (toks, st), tps = _decode_rate(lambda: ee.generate(prompt, n_new), repeats)
-                speed_rows.append(f"| {name} | | early exit, threshold {chosen} | {tps:.1f} | {tps / plain_tps:.2f}x "
-                                  f"| depth {st.mean_depth:.2f} | | {'yes' if toks == plain else 'no (lossy)'} |")
-        lines += ["Decoding speed (batch 1):", ""] + speed_rows + ["", "Early exit (CALM, max-prob confidence) on "
-                  "the held-out rows, teacher-forced through the early-exit decode step (copied KV states "
-                  "included); the calibrated threshold is the lowest with <= 2% perplexity increase. Layer FLOPs "
-                  "saved counts the k/v projections a skipped layer still pays; the head-check overhead is the "
-                  "extra head matmuls of the confidence tests, relative to the layers' FLOPs:", ""] + ee_rows
+            decoders = {"plain": _decode_timer(lambda: engine.prefill(prompt, n_new),
+                                               lambda r: (engine.decode(r), None))}
+            specs = {(l, k): SpeculativeEngine(engine, SpeculativeConfig(l, k)) for l, k in SPECULATIVE}
+            for (l, k), spec in specs.items():
+                decoders[f"speculative, draft {l} layers, k={k}"] = _decode_timer(
+                    lambda spec=spec: spec.prefill(prompt, n_new), spec.decode)
+            for measure in MEASURES:
+                chosen, _ = calibrate(engine.params, model, calibration, 0.02, measure, thresholds=THRESHOLDS)
+                for t in THRESHOLDS:
+                    r = evaluate(engine.params, model, report, EarlyExitConfig(t, measure))
+                    mark = " (calibrated)" if t == chosen else ""
+                    ee_rows.append(f"| {name} | {measure} | {t}{mark} | {r.mean_depth:.2f} / {model.n_layers} | "
+                                   f"{r.layer_flops_saved:.1%} | {r.head_overhead:.1%} | {r.perplexity:.2f} | "
+                                   f"{100 * r.perplexity_increase:+.2f}% | {r.greedy_agreement:.1%} |")
+                    full_ppl = r.full_perplexity
+                if chosen is not None:
+                    ee = EarlyExitEngine(engine, EarlyExitConfig(chosen, measure))
+                    decoders[f"early exit, {measure} >= {chosen}"] = _decode_timer(
+                        lambda: engine.prefill(prompt, n_new), ee.decode)
+                else:
+                    chosen_rows.append(f"{name}, {measure}: no threshold keeps the perplexity increase <= 2% on the "
+                                       "calibration rows.")
+            timed = _interleaved(decoders, repeats)
+            plain = timed["plain"][0]
+            for decoder, (tokens, stats, tps, ratio) in timed.items():
+                first = f"| {name} | {full_ppl:.2f} " if decoder == "plain" else "| | "
+                same = "yes" if tokens == plain else "no"
+                if decoder.startswith("speculative"):
+                    extra = (f"{stats.acceptance_rate:.1%} | {stats.tokens_per_round:.2f} | "
+                             f"{stats.tokens_per_round / ratio:.2f}")
+                elif decoder.startswith("early exit"):
+                    extra, same = f"depth {stats.mean_depth:.2f} | | ", same + (" (lossy)" if same == "no" else "")
+                else:
+                    extra = " | | "
+                speed_rows.append(f"{first}| {decoder} | {tps:.1f} | {ratio:.2f}x | {extra} | {same} |")
+        lines += ["Decoding speed (batch 1; round cost = tokens per round / speedup, in plain decode steps):", ""] + \
+            speed_rows + ["", "Early exit (CALM) on the reported held-out rows, teacher-forced through the early-exit "
+                          "decode step (copied KV states included); the calibrated threshold is the lowest with <= 2% "
+                          "perplexity increase on the other (calibration) rows. Layer FLOPs saved counts the k/v "
+                          "projections a skipped layer still pays; the head-check overhead is the extra head matmuls of "
+                          "the confidence tests, relative to the layers' FLOPs:", ""] + ee_rows + \
+            ([""] + chosen_rows if chosen_rows else [])
     return "\n".join(lines)

@@ -41,6 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.global_batch_size = 16  # rows per step summed over all processes
     c.seed = 0  # shuffle seed; each epoch gets its own permutation
     c.shuffle_buffer_rows = 1024  # streamed Hugging Face data: rows mixed in a seeded buffer (1 = stream order)
+    # Readers of indexed data (token shards, evaluation): a stream is cut in order in the training loop instead,
+    # so with streaming=True they set only the evaluation batches (a changed value is warned about).
     c.read_threads = 2  # threads building batches ahead of the training step
     c.prefetch_buffer_size = 4  # batches buffered ahead
     c.cache = True  # keep tokenized corpora in <workdir>/data_cache, keyed by content and tokenizer
@@ -69,6 +71,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         ("train_files", not (cfg.train_files and cfg.hf_dataset), "and hf_dataset are both set; choose one"),
         ("eval_files", not (cfg.eval_files and cfg.hf_eval_split), "and hf_eval_split are both set; choose one"),
         ("hf_eval_split", not (cfg.hf_eval_split and not cfg.hf_dataset), "is set but hf_dataset is empty"),
+        ("streaming", not (cfg.streaming and not cfg.hf_dataset),
+         "is set but hf_dataset is empty: only a Hugging Face dataset is streamed (local files and prepared "
+         "datasets are read by index from token shards); set hf_dataset or drop streaming"),
         ("tokenize_workers", cfg.tokenize_workers >= 0, "must be >= 0 (0 = in this process)"),
         ("shard_chars", cfg.shard_chars > 0, "must be positive"),
         ("prepared", not (cfg.prepared and cfg.mixture), "and mixture are both set; choose one"),

@@ -275,6 +275,7 @@ def build_train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
     (by process 0; the others wait). A streamed Hugging Face dataset is read lazily (see `streaming.py`);
     without a workdir (or with cache=False) the source is tokenized into memory."""
     if cfg.hf_dataset and cfg.streaming:
+        _warn_stream_readers(cfg)
         return StreamingTrainIterator(train_source(cfg), tokenizer, cfg, process_index, process_count)
     entries = _prepared_entries(cfg, tokenizer, workdir, process_index)
     if entries is None:
@@ -290,6 +291,15 @@ def build_train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
         components.append((ShardRows(dataset.streams, cfg.seq_len, tokenizer.pad_id), weight))
         stats = {k: stats.get(k, 0) + v for k, v in dataset.stats.items()}
     return TrainIterator(components, stats, cfg, tokenizer.pad_id, process_index, process_count)
+
+
+def _warn_stream_readers(cfg: ml_collections.ConfigDict) -> None:
+    """read_threads / prefetch_buffer_size drive grain's readers; a stream is cut in order by the training loop."""
+    defaults = data_config.default_config()
+    changed = [f"{k}={cfg[k]}" for k in ("read_threads", "prefetch_buffer_size") if cfg[k] != defaults[k]]
+    if changed:
+        log.warning("data: %s not used for the training stream (streaming=True reads and packs it in order, in "
+                    "the training loop); they apply only to the evaluation batches", ", ".join(changed))
 
 
 def _prepared_entries(cfg, tokenizer: Tokenizer, workdir, process_index: int | None

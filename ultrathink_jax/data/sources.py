@@ -297,23 +297,34 @@ class HFSource(TextSource):
             raise DataError("hf_dataset is empty")
         self.name, self.config, self.split = name, config, split
         self.text_column, self.streaming = text_column, streaming
+        self._builder_hash: str | None = None  # computed once per source (it lists the data files)
 
     def describe(self) -> str:
         config = f"/{self.config}" if self.config else ""
         return f"hugging face dataset {self.name}{config} split={self.split}"
 
     def fingerprint(self) -> str:
-        return "\n".join([self.describe(), self.text_column, str(self.max_chars)])
+        """Name and split, plus the builder's hash: datasets derives it from the hub revision or the local data
+        files (paths and modification times), so a new revision or an edited file is a new cache key."""
+        if self._builder_hash is None:
+            builder = self._call(lambda datasets: datasets.load_dataset_builder(self.name, self.config or None))
+            self._builder_hash = f"{builder.config_id}:{builder.hash}"
+        return "\n".join([self.describe(), self._builder_hash, self.text_column, str(self.max_chars)])
 
-    def load(self):
+    def _call(self, fn):
+        """fn(datasets), with its errors as one DataError line naming the dataset."""
         import datasets  # heavy import; only when a Hugging Face source is configured
 
         try:
-            ds = datasets.load_dataset(self.name, self.config or None, split=self.split, streaming=self.streaming)
+            return fn(datasets)
         except FileNotFoundError as e:
             raise DataFileNotFoundError(f"cannot load {self.describe()}: {one_line(e)}") from e
         except (ValueError, KeyError, ConnectionError, OSError) as e:  # bad split / config / offline hub
             raise DataError(f"cannot load {self.describe()}: {one_line(e)}") from e
+
+    def load(self):
+        ds = self._call(lambda datasets: datasets.load_dataset(self.name, self.config or None, split=self.split,
+                                                               streaming=self.streaming))
         columns = ds.column_names
         if columns is not None and self.text_column not in columns:
             raise DataError(f"{self.describe()} has no column {self.text_column!r} (columns: {columns})")

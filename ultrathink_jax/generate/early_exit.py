@@ -25,7 +25,7 @@ import numpy as np
 from ultrathink_jax import metrics, sharding
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.generate import layerwise
-from ultrathink_jax.generate.engine import Engine, choose_token
+from ultrathink_jax.generate.engine import Engine, Run, choose_token
 from ultrathink_jax.generate.sampling import GenerationError, SamplingConfig
 from ultrathink_jax.model import Transformer, init_cache
 
@@ -56,11 +56,13 @@ def confidence(logits, measure: str):
     return top2[..., 0] - top2[..., 1]
 
 
-def forward(params, layers, config: ModelConfig, ee: EarlyExitConfig, tokens, positions, segment_ids, cache,
-            exited):
+def forward(params, layers, config: ModelConfig, ee: EarlyExitConfig, threshold, tokens, positions, segment_ids,
+            cache, exited):
     """One decode position for every row: (logits [B, V], depth int32 [B] = layers run in full, cache).
 
-    `exited` bool [B]: rows that take no part (finished rows), counted as depth 0."""
+    `threshold` is traced (one compiled program serves every threshold; `ee.threshold` is not read); `cache` is
+    split per layer (layerwise.split_cache); `exited` bool [B]: rows that take no part (finished rows), counted as
+    depth 0."""
     slots = layerwise.layer_slots(config)
     L = len(slots)
     ctx, cache = layerwise.context(config, positions, segment_ids, cache)
@@ -81,7 +83,7 @@ def forward(params, layers, config: ModelConfig, ee: EarlyExitConfig, tokens, po
             return jnp.where(exited[:, None], exit_logits, layerwise.head(params, config, x)[:, -1]), depth, cache
         if i >= ee.min_layer:
             logits = layerwise.head(params, config, x)[:, -1]
-            now = ~exited & (confidence(logits, ee.measure) >= ee.threshold)
+            now = ~exited & (confidence(logits, ee.measure) >= threshold)
             exit_logits = jnp.where(now[:, None], logits, exit_logits)
             exited = exited | now
             return jax.lax.cond(jnp.all(exited),
@@ -93,25 +95,32 @@ def forward(params, layers, config: ModelConfig, ee: EarlyExitConfig, tokens, po
     return logits, depth, {**cache, "index": cache["index"] + tokens.shape[1]}
 
 
+def _program_key(ee: EarlyExitConfig) -> EarlyExitConfig:
+    """What a compiled program depends on: everything but the threshold, which it takes as an argument."""
+    return dataclasses.replace(ee, threshold=1.0)
+
+
 @functools.lru_cache(maxsize=None)
 def _decode_program(config: ModelConfig, sampling: SamplingConfig, ee: EarlyExitConfig, mesh):
-    def step(params, layers, state):
+    def step(params, layers, threshold, state):
         segment_ids = jnp.where(state["done"], 0, 1)[:, None]
         live = ~state["done"]
-        logits, depth, cache = forward(params, layers, config, ee, state["token"][:, None],
+        logits, depth, cache = forward(params, layers, config, ee, threshold, state["token"][:, None],
                                        state["position"][:, None], segment_ids, state["cache"], state["done"])
         state = {**state, "cache": cache, "position": state["position"] + 1,
                  "depth_sum": state["depth_sum"] + jnp.sum(jnp.where(live, depth, 0)),
                  "depth_tokens": state["depth_tokens"] + jnp.sum(live)}
         return choose_token(state, logits, state["step"], sampling)
 
-    def decode(params, layers, state):
+    def decode(params, layers, threshold, state):
         n_new = state["out"].shape[1]
-        state = {**state, "depth_sum": jnp.zeros((), jnp.int32), "depth_tokens": jnp.zeros((), jnp.int32)}
-        return jax.lax.while_loop(lambda s: (s["step"] < n_new) & ~jnp.all(s["done"]),
-                                  lambda s: step(params, layers, s), state)
+        state = {**state, "depth_sum": jnp.zeros((), jnp.int32), "depth_tokens": jnp.zeros((), jnp.int32),
+                 "cache": layerwise.split_cache(config, state["cache"])}
+        state = jax.lax.while_loop(lambda s: (s["step"] < n_new) & ~jnp.all(s["done"]),
+                                   lambda s: step(params, layers, threshold, s), state)
+        return {**state, "cache": layerwise.stack_cache(config, state["cache"])}
 
-    return jax.jit(decode, donate_argnums=2)
+    return jax.jit(decode, donate_argnums=3)
 
 
 @dataclasses.dataclass
@@ -144,30 +153,33 @@ class EarlyExitEngine:
         self.engine, self.ee = engine, ee
         self.layers = layerwise.unstack_layers(engine.params, engine.config)
 
-    def generate(self, prompts, max_new_tokens, sampling: SamplingConfig = SamplingConfig(), eos_id=None, seed=0):
+    def decode(self, run: Run) -> tuple[Run, EarlyExitStats]:
+        """Early-exit decoding on device until every row is done (the run's buffers are donated)."""
         eng = self.engine
-        run = eng.prefill(prompts, max_new_tokens, sampling, eos_id, seed)
-        decode = _decode_program(eng.config, sampling, self.ee, eng.mesh)
+        decode = _decode_program(eng.config, run.sampling, _program_key(self.ee), eng.mesh)
         with sharding.activate(eng.mesh):
-            state = decode(eng.params, self.layers, run.state)
-        run.state = state
-        n = max(int(state["depth_tokens"]), 1)
-        mean = int(state["depth_sum"]) / n
+            state = decode(eng.params, self.layers, jnp.float32(self.ee.threshold), run.state)
+        mean = int(state["depth_sum"]) / max(int(state["depth_tokens"]), 1)
         saved, overhead = flops_saved(eng.config, np.asarray([mean]), self.ee)
-        return eng.tokens(run), EarlyExitStats(mean, eng.config.n_layers, saved, overhead)
+        return Run(state, run.n_rows, run.sampling), EarlyExitStats(mean, eng.config.n_layers, saved, overhead)
+
+    def generate(self, prompts, max_new_tokens, sampling: SamplingConfig = SamplingConfig(), eos_id=None, seed=0):
+        run, stats = self.decode(self.engine.prefill(prompts, max_new_tokens, sampling, eos_id, seed))
+        return self.engine.tokens(run), stats
 
 
 @functools.lru_cache(maxsize=None)
 def _forced_program(config: ModelConfig, ee: EarlyExitConfig):
     """Teacher-forced early exit over tokens [B, T]: per position (nll of the next token, depth, exit argmax)."""
-    def run(params, layers, tokens):
+    def run(params, layers, threshold, tokens):
         B, T = tokens.shape
-        cache = init_cache(config, B, T)
+        cache = layerwise.split_cache(config, init_cache(config, B, T))
         ones = jnp.ones((B, 1), jnp.int32)
 
         def step(cache, t):
-            logits, depth, cache = forward(params, layers, config, ee, jax.lax.dynamic_slice_in_dim(tokens, t, 1, 1),
-                                           ones * t, ones, cache, jnp.zeros((B,), bool))
+            logits, depth, cache = forward(params, layers, config, ee, threshold,
+                                           jax.lax.dynamic_slice_in_dim(tokens, t, 1, 1), ones * t, ones, cache,
+                                           jnp.zeros((B,), bool))
             return cache, (logits, depth)
 
         _, (logits, depth) = jax.lax.scan(step, cache, jnp.arange(T - 1))
@@ -211,7 +223,8 @@ def evaluate(params, config: ModelConfig, tokens: np.ndarray, ee: EarlyExitConfi
     ee.check(config)
     layers = layerwise.unstack_layers(params, config) if layers is None else layers
     tokens = jnp.asarray(tokens, jnp.int32)
-    nll, depth, argmax = jax.device_get(_forced_program(config, ee)(params, layers, tokens))
+    forced = _forced_program(config, _program_key(ee))
+    nll, depth, argmax = jax.device_get(forced(params, layers, jnp.float32(ee.threshold), tokens))
     full_nll, full_argmax = jax.device_get(_full_program(config)(params, tokens))
     saved, overhead = flops_saved(config, depth.reshape(-1), ee)
     return HeldOutResult(ee.threshold, math.exp(float(nll.mean())), math.exp(float(full_nll.mean())),

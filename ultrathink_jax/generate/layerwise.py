@@ -3,7 +3,9 @@
 `Transformer` scans its stacked layers in one `nn.scan`; early exit and self-speculative drafting need to stop
 after layer l, so here the same `Block` modules run from per-layer params (`unstack_layers`, sliced once off the
 stacked tree, never a second copy of the weights on disk) and read/write the very cache `Transformer` uses. The
-embedding, attention context and head are the model's own modules and functions.
+embedding, attention context and head are the model's own modules and functions. Inside a decode loop the cache
+is held per layer (`split_cache`): a layer then writes its new k/v into its own buffer in place, where writing
+into `Transformer`'s stacked [n_units, ...] arrays would copy a layer's whole cache in and out at every layer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ultrathink_jax.model import Block, attention_context, layer_plan
 
 @dataclasses.dataclass(frozen=True)
 class LayerSlot:
+    layer: int
     stage: str
     unit: int
     block: int
@@ -32,7 +35,7 @@ class LayerSlot:
 
 def layer_slots(config: ModelConfig) -> list[LayerSlot]:
     """Where layer i's params and cache live: `params[stage][f"block_{block}"][..][unit]`, in layer order."""
-    return [LayerSlot(s.name, u, b, moe) for s in layer_plan(config) for u in range(s.n_units)
+    return [LayerSlot(s.layer_index(u, b), s.name, u, b, moe) for s in layer_plan(config) for u in range(s.n_units)
             for b, moe in enumerate(s.unit)]
 
 
@@ -63,24 +66,31 @@ def context(config: ModelConfig, positions, segment_ids, cache):
     return ctx, {**cache, "segment_ids": kv_segment_ids}
 
 
-def _layer_cache(cache, slot: LayerSlot):
-    entry = cache["stages"][slot.stage][slot.block]
-    return {"k": entry["k"][slot.unit], "v": entry["v"][slot.unit]}
+def split_cache(config: ModelConfig, cache):
+    """`Transformer`'s cache with its stacked k/v arrays cut into one {"k", "v"} per layer (`cache["layers"]`)."""
+    layers = [{n: cache["stages"][s.stage][s.block][n][s.unit] for n in ("k", "v")} for s in layer_slots(config)]
+    return {"index": cache["index"], "segment_ids": cache["segment_ids"], "layers": layers}
+
+
+def stack_cache(config: ModelConfig, cache):
+    """The inverse of `split_cache`."""
+    per_layer = cache["layers"]
+    stages = {s.name: [{n: jnp.stack([per_layer[s.layer_index(u, b)][n] for u in range(s.n_units)])
+                        for n in ("k", "v")} for b in range(len(s.unit))] for s in layer_plan(config)}
+    return {"index": cache["index"], "segment_ids": cache["segment_ids"], "stages": stages}
 
 
 def _set_layer_cache(cache, slot: LayerSlot, new):
-    stages = dict(cache["stages"])
-    blocks = list(stages[slot.stage])
-    blocks[slot.block] = {n: blocks[slot.block][n].at[slot.unit].set(new[n]) for n in ("k", "v")}
-    stages[slot.stage] = blocks
-    return {**cache, "stages": stages}
+    layers = list(cache["layers"])
+    layers[slot.layer] = new
+    return {**cache, "layers": layers}
 
 
 def run_layer(config: ModelConfig, slot: LayerSlot, layer_params, x, ctx, cache):
-    """One block over x [B, T, D] at the cache's index; returns (x, cache with this layer's k/v written)."""
+    """One block over x [B, T, D] at the (split) cache's index; returns (x, cache with this layer's k/v written)."""
     cos, sin, mask, valid, cache_index = ctx
     y, new, _ = Block(config, slot.moe, True).apply({"params": layer_params}, x, cos, sin, mask, valid,
-                                                     _layer_cache(cache, slot), cache_index)
+                                                     cache["layers"][slot.layer], cache_index)
     return y, _set_layer_cache(cache, slot, new)
 
 
@@ -96,7 +106,7 @@ def fill_kv(config: ModelConfig, slot: LayerSlot, layer_params, x, ctx, cache):
         return Linear((x.shape[-1], config.n_kv_heads, hd), 1, ("embed", "kv_heads", "head_dim"), weight_init(config),
                       config.dtype).apply({"params": attn[name]}, h)
 
-    old = _layer_cache(cache, slot)
+    old = cache["layers"][slot.layer]
     k, v = apply_rope(proj("k_proj"), cos, sin), proj("v_proj")
     new = {n: jax.lax.dynamic_update_slice_in_dim(old[n], t.astype(old[n].dtype), cache_index, axis=1)
            for n, t in (("k", k), ("v", v))}

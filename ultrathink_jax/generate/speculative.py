@@ -1,12 +1,14 @@
 """Self-speculative decoding (LayerSkip's draft-and-verify; Leviathan et al. / Chen et al. 2023 for sampling).
 
-Each round: the first `draft_layers` layers (+ final norm + head) draft `k` tokens one by one, writing their KV
-into those layers of the shared cache; the full model then verifies [last token, draft_1..draft_k] in one forward
-pass over the k+1 positions (rewriting every layer's KV there). Greedy: the longest prefix of drafts equal to the
-full model's argmax is accepted, plus the full model's own next token, so the output is exactly the full model's
-greedy output. Sampling: draft i is accepted with probability min(1, p_i / q_i) (p: full, q: draft, both after
-the same temperature / top-k / top-p), the first rejected position is resampled from max(p - q, 0) and a fully
-accepted round adds a sample from p -- the output distribution is the full model's.
+Each round: the first `draft_layers` layers l (+ final norm + head) draft `k` tokens one by one, writing their KV
+into those layers of the shared cache; they also run once more on the last draft, so layer l's hidden state of
+every position [last token, draft_1..draft_k] is known. The full model's verification then only runs the remaining
+layers l..L-1 over those k+1 positions in one pass (LayerSkip's cache reuse: the first l layers of the full model
+compute exactly what the draft computed). Greedy: the longest prefix of drafts equal to the full model's argmax is
+accepted, plus the full model's own next token, so the output is exactly the full model's greedy output.
+Sampling: draft i is accepted with probability min(1, p_i / q_i) (p: full, q: draft, both after the same
+temperature / top-k / top-p), the first rejected position is resampled from max(p - q, 0) and a fully accepted
+round adds a sample from p -- the output distribution is the full model's.
 
 Rows of a batch advance together: a round commits the shortest accepted prefix over live rows plus one token,
 which is still every row's full-model token (a longer-accepting row's next draft was accepted). The committed
@@ -24,9 +26,8 @@ import jax.numpy as jnp
 from ultrathink_jax import sharding
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.generate import layerwise
-from ultrathink_jax.generate.engine import PAD_ID, Engine
+from ultrathink_jax.generate.engine import PAD_ID, Engine, Run
 from ultrathink_jax.generate.sampling import GenerationError, SamplingConfig, process_logits
-from ultrathink_jax.model import Transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,19 +47,23 @@ class SpeculativeConfig:
 
 
 def _draft(params, layers, config, spec, sampling, state):
-    """k draft tokens [B, k] and their processed logits [B, k, V] (cache: draft layers written)."""
+    """k draft tokens [B, k], their processed logits [B, k, V], layer l's hidden states [B, k+1, D] of the last
+    token and the k drafts, and the cache with the draft layers' KV of those k+1 positions written."""
     slots = layerwise.layer_slots(config)[:spec.draft_layers]
     cache, token, position = state["cache"], state["token"], state["position"]
     segment_ids = jnp.where(state["done"], 0, 1)[:, None]
     key = jax.random.fold_in(state["key"], 2 * state["round"])
-    drafts, logits_all = [], []
-    for j in range(spec.k):
+    drafts, logits_all, hidden = [], [], []
+    for j in range(spec.k + 1):
         ctx, cache = layerwise.context(config, (position + j)[:, None], segment_ids, cache)
         x = layerwise.embed(params, config, token[:, None])
         for slot, p in zip(slots, layers):
             x, cache = layerwise.run_layer(config, slot, p, x, ctx, cache)
-        logits = process_logits(layerwise.head(params, config, x)[:, -1], None, sampling)
         cache = {**cache, "index": cache["index"] + 1}
+        hidden.append(x)
+        if j == spec.k:  # the last draft only needs its layer-l state, for the verification
+            break
+        logits = process_logits(layerwise.head(params, config, x)[:, -1], None, sampling)
         if sampling.greedy:
             token = jnp.argmax(logits, -1).astype(jnp.int32)
         else:
@@ -66,7 +71,17 @@ def _draft(params, layers, config, spec, sampling, state):
         drafts.append(token)
         logits_all.append(logits)
     cache = {**cache, "index": state["cache"]["index"]}
-    return jnp.stack(drafts, 1), jnp.stack(logits_all, 1), cache
+    return jnp.stack(drafts, 1), jnp.stack(logits_all, 1), jnp.concatenate(hidden, 1), cache
+
+
+def _verify(params, layers, config, spec, x, positions, segment_ids, cache):
+    """The full model's logits [B, k+1, V] at the round's positions from layer l's hidden states x [B, k+1, D]:
+    layers l..L-1 run over all k+1 positions at once and write their KV."""
+    slots = layerwise.layer_slots(config)
+    ctx, cache = layerwise.context(config, positions, segment_ids, cache)
+    for slot, p in zip(slots[spec.draft_layers:], layers[spec.draft_layers:]):
+        x, cache = layerwise.run_layer(config, slot, p, x, ctx, cache)
+    return layerwise.head(params, config, x), cache
 
 
 def _accept(full_logits, draft, draft_logits, sampling, key):
@@ -95,16 +110,14 @@ def _accept(full_logits, draft, draft_logits, sampling, key):
 
 @functools.lru_cache(maxsize=None)
 def _decode_program(config: ModelConfig, sampling: SamplingConfig, spec: SpeculativeConfig, mesh):
-    model = Transformer(config)
     k = spec.k
 
     def round_(params, layers, state):
         live = ~state["done"]
-        draft, draft_logits, cache = _draft(params, layers, config, spec, sampling, state)
-        tokens = jnp.concatenate([state["token"][:, None], draft], 1)
+        draft, draft_logits, hidden, cache = _draft(params, layers, config, spec, sampling, state)
         positions = state["position"][:, None] + jnp.arange(k + 1)[None]
-        segment_ids = jnp.broadcast_to(jnp.where(live, 1, 0)[:, None], tokens.shape)
-        logits, _, cache = model.apply({"params": params}, tokens, positions, segment_ids, cache)
+        segment_ids = jnp.broadcast_to(jnp.where(live, 1, 0)[:, None], positions.shape)
+        logits, cache = _verify(params, layers, config, spec, hidden, positions, segment_ids, cache)
         full = process_logits(logits.reshape(-1, logits.shape[-1]), None, sampling).reshape(logits.shape)
         n_r, candidates = _accept(full, draft, draft_logits, sampling,
                                   jax.random.fold_in(state["key"], 2 * state["round"] + 1))
@@ -128,8 +141,10 @@ def _decode_program(config: ModelConfig, sampling: SamplingConfig, spec: Specula
 
     def decode(params, layers, state):
         zero = jnp.zeros((), jnp.int32)
-        state = {**state, "round": zero, "drafted": zero, "accepted": zero, "committed": zero}
-        return jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), lambda s: round_(params, layers, s), state)
+        state = {**state, "round": zero, "drafted": zero, "accepted": zero, "committed": zero,
+                 "cache": layerwise.split_cache(config, state["cache"])}
+        state = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), lambda s: round_(params, layers, s), state)
+        return {**state, "cache": layerwise.stack_cache(config, state["cache"])}
 
     return jax.jit(decode, donate_argnums=2)
 
@@ -146,19 +161,25 @@ class SpeculativeEngine:
 
     def __init__(self, engine: Engine, spec: SpeculativeConfig):
         self.engine, self.spec = engine, spec
-        self.layers = layerwise.unstack_layers(engine.params, engine.config, spec.draft_layers)
+        self.layers = layerwise.unstack_layers(engine.params, engine.config)  # all: the verification runs them
 
-    def generate(self, prompts, max_new_tokens, sampling: SamplingConfig = SamplingConfig(), eos_id=None, seed=0):
+    def prefill(self, prompts, max_new_tokens, sampling: SamplingConfig = SamplingConfig(), eos_id=None,
+                seed=0) -> Run:
+        self.spec.check(self.engine.config, sampling)
+        return self.engine.prefill(prompts, max_new_tokens, sampling, eos_id, seed, slack=self.spec.k + 1)
+
+    def decode(self, run: Run) -> tuple[Run, SpeculativeStats]:
+        """Draft-and-verify rounds on device until every row is done (the run's buffers are donated)."""
         eng, spec = self.engine, self.spec
-        spec.check(eng.config, sampling)
-        run = eng.prefill(prompts, max_new_tokens, sampling, eos_id, seed, slack=spec.k + 1)
-        decode = _decode_program(eng.config, sampling, spec, eng.mesh)
+        decode = _decode_program(eng.config, run.sampling, spec, eng.mesh)
         with sharding.activate(eng.mesh):
             state = decode(eng.params, self.layers, run.state)
-        run.state = state
-        rounds = int(state["round"])
         live_rounds = int(state["drafted"]) // spec.k
         stats = SpeculativeStats(int(state["accepted"]) / max(int(state["drafted"]), 1),
                                  # the prefill's token is not a round's
-                                 (int(state["committed"])) / max(live_rounds, 1), rounds)
-        return eng.tokens(run), stats
+                                 int(state["committed"]) / max(live_rounds, 1), int(state["round"]))
+        return Run(state, run.n_rows, run.sampling), stats
+
+    def generate(self, prompts, max_new_tokens, sampling: SamplingConfig = SamplingConfig(), eos_id=None, seed=0):
+        run, stats = self.decode(self.prefill(prompts, max_new_tokens, sampling, eos_id, seed))
+        return self.engine.tokens(run), stats

@@ -11,6 +11,7 @@ and checkpoint 0 (the HF weights, a fresh optimizer state, the data iterator at 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -21,9 +22,12 @@ import ml_collections
 from ultrathink_jax.hf.export import DTYPES, ExportError, export_params, prepare_out_dir
 from ultrathink_jax.hf.load import HFCheckpointNotFoundError, load_hf
 
-# Model fields that do not change the weights or the maths of the exported model: kept from the training config.
-TRAINING_ONLY_FIELDS = ("dtype", "remat_policy", "scan_unroll", "attention_impl", "moe_dispatch",
-                        "capacity_factor", "router_z_loss_weight", "router_aux_loss_per_layer")
+# Model fields that do not change the weights or the forward maths of the model: kept from the training config.
+# router_aux_loss_weight is a training choice too (the fine-tuning run's, like z-loss), but the HF config.json
+# carries one (router_aux_loss_coef): when the two differ, the import says which one it keeps.
+TRAINING_ONLY_FIELDS = ("dtype", "remat_policy", "scan_unroll", "attention_impl", "moe_dispatch", "capacity_factor",
+                        "router_z_loss_weight", "router_aux_loss_per_layer", "router_aux_loss_weight")
+log = logging.getLogger(__name__)
 CONFIG_PY = '''"""Written by launch.import_hf: the resolved config of this run (config.json beside this file)."""
 import json
 import pathlib
@@ -82,6 +86,11 @@ def import_run(hf_dir: str | os.PathLike, workdir: str | os.PathLike, config: ml
 
     config = ml_collections.ConfigDict(config.to_dict())
     fields = dataclasses.asdict(model)
+    if model.n_experts and config.model.router_aux_loss_weight != model.router_aux_loss_weight:
+        log.warning("import: model.router_aux_loss_weight=%g from the training config is used, not the "
+                    "router_aux_loss_coef=%g of %s; set --config.model.router_aux_loss_weight=%g to keep that one",
+                    config.model.router_aux_loss_weight, model.router_aux_loss_weight, hf_dir / "config.json",
+                    model.router_aux_loss_weight)
     for name in TRAINING_ONLY_FIELDS:
         fields[name] = config.model[name]
     config.model = ml_collections.ConfigDict(fields)

@@ -325,7 +325,7 @@ def fine_tune(config: ml_collections.ConfigDict, workdir: str | os.PathLike, obj
                       out_shardings=(shardings, replicated), donate_argnums=(0,))
 
     store = run_lib.checkpoints(workdir, config)
-    progress = metrics_lib.Progress(total, enabled=config.log.progress, stream=out)
+    progress = metrics_lib.Progress(total, enabled=jax.process_index() == 0, bar=config.log.progress, stream=out)
     writer = None
     try:
         with sharding.activate(mesh):

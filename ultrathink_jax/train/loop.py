@@ -86,6 +86,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
     mesh = run_lib.run_mesh(config)
     _check_batch(config, mesh)
     phases = Phases()
+    config = run_lib.keep_workdir_tokenizer_settings(workdir, config)
     with phases.time("tokenizer"):
         tokenizer = build_tokenizer(config.data, workdir)
     model = run_lib.resolve_model_config(config, tokenizer.vocab_size)
@@ -96,17 +97,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, unti
 
     total = config.train.steps
     end = min(total, until_step) if until_step is not None else total
-    fns = step_functions(model, tuple(sorted(config.optim.items())), total, config.train.grad_accum,
-                         config.train.z_loss_weight, mesh, layerskip.from_train_config(config.train, model.n_layers))
+    fns = config_step_functions(config, model, mesh)
     store = run_lib.checkpoints(workdir, config)
-    progress = metrics_lib.Progress(total, enabled=is_main and config.log.progress, stream=out)
+    progress = metrics_lib.Progress(total, enabled=is_main, bar=config.log.progress, stream=out)
     writer = None
     stop = StopSignals(out).__enter__()  # from here on SIGTERM/SIGINT stop the run at a step boundary
     try:
-        progress.message(_describe_data("train", train_iter.stats)
-                         + ("" if eval_batches is None else "; " + _describe_data("eval", eval_batches.stats)))
         with sharding.activate(mesh):
             state = _restore_or_init(config, model, fns.tx, mesh, store, train_iter, progress)
+            # after the restore: a workdir that cannot resume gets its one error line and nothing else
+            progress.message(_describe_data("train", train_iter.stats)
+                             + ("" if eval_batches is None else "; " + _describe_data("eval", eval_batches.stats)))
             # only now, with the checkpoint and data state accepted, may the run's files change
             run_lib.write_run_files(workdir, config, model)
             writer = metrics_lib.Writer(workdir / "tensorboard", enabled=is_main and config.log.tensorboard)
@@ -178,6 +179,12 @@ def step_functions(model: ModelConfig, optim_items: tuple, total_steps: int, gra
     train_step = steps_lib.jit_train_step(
         steps_lib.make_train_step(model, tx, schedule, grad_accum, z_loss_weight, layerskip_cfg), shardings, mesh)
     return StepFunctions(tx, shardings, train_step, steps_lib.make_eval_step(model, shardings.params, mesh))
+
+
+def config_step_functions(config: ml_collections.ConfigDict, model: ModelConfig, mesh) -> StepFunctions:
+    """The optimizer and jitted steps `train` runs for `config` (the parity suite drives the same ones)."""
+    return step_functions(model, tuple(sorted(config.optim.items())), config.train.steps, config.train.grad_accum,
+                          config.train.z_loss_weight, mesh, layerskip.from_train_config(config.train, model.n_layers))
 
 
 def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progress, train_iter, eval_batches,

@@ -73,6 +73,29 @@ def checkpoints(workdir: str | os.PathLike, config: ml_collections.ConfigDict | 
                        on_error=c.on_error if c else "stop")
 
 
+def keep_workdir_tokenizer_settings(workdir: str | os.PathLike, config: ml_collections.ConfigDict
+                                    ) -> ml_collections.ConfigDict:
+    """A workdir that has a tokenizer keeps it (its checkpoints were trained with it), so a data.tokenizer or
+    data.vocab_size that differs from the one that built it is warned about, naming both values, and replaced
+    by it in the returned config (config.json then keeps describing the tokenizer actually used)."""
+    if not (Path(workdir) / TOKENIZER_DIR / "tokenizer.json").is_file() or not (Path(workdir) / CONFIG_FILE).is_file():
+        return config
+    saved, new = load_config(workdir).data, config.data
+    fields = ["tokenizer"]
+    if not (new.tokenizer or saved.get("tokenizer")):  # both train a BPE: its size is the vocab_size asked for
+        fields.append("vocab_size")
+    differing = [f for f in fields if f in saved and saved[f] != new[f]]
+    if not differing:
+        return config
+    kept = ml_collections.ConfigDict(config.to_dict())
+    for f in differing:
+        log.warning("data.%s=%r is ignored: %s already holds the tokenizer its checkpoints were trained with "
+                    "(data.%s=%r); use a new --workdir to change the tokenizer", f, new[f],
+                    Path(workdir) / TOKENIZER_DIR, f, saved[f])
+        kept.data[f] = saved[f]
+    return kept
+
+
 def has_checkpoint(workdir: str | os.PathLike) -> bool:
     d = Path(workdir) / CHECKPOINT_DIR
     return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
