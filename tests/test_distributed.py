@@ -293,3 +293,20 @@ def test_incomplete_distributed_flags_are_one_error_line(capsys):
     assert train_cli.main(["--coordinator_address=localhost:1", "--config.train.steps=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("launch.train: error: distributed settings"), err
+
+
+def test_a_jax_whose_runtime_factories_moved_initializes_unwrapped_with_a_warning(monkeypatch):
+    from jax._src import distributed as jax_distributed
+
+    from ultrathink_jax import distributed
+
+    monkeypatch.setattr(jax_distributed, "_jax", object())  # neither factory present
+    with pytest.warns(RuntimeWarning, match="cannot be wrapped"):
+        with distributed._runtime_factories():
+            pass
+    monkeypatch.undo()
+    module = jax_distributed._jax
+    before = module.get_distributed_runtime_service
+    with distributed._runtime_factories():
+        assert module.get_distributed_runtime_service is not before  # swapped for the call...
+    assert module.get_distributed_runtime_service is before  # ...and restored after it

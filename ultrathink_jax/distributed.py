@@ -23,6 +23,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 
 import jax
 
@@ -127,7 +128,14 @@ def _runtime_factories():
     client first waits (within `init_timeout`) until the coordinator's port answers, else one DistributedError."""
     from jax._src import distributed as jax_distributed
 
-    module = jax_distributed._jax
+    module = getattr(jax_distributed, "_jax", None)
+    if not all(hasattr(module, f) for f in ("get_distributed_runtime_service", "get_distributed_runtime_client")):
+        # A JAX whose internals moved (checked: 0.10.2): plain initialize, so process 0's death aborts the others
+        # with JAX's own message instead of our line; training itself is unaffected.
+        warnings.warn("this JAX's distributed runtime cannot be wrapped: if process 0 dies, the others are aborted "
+                      "by JAX rather than reporting it in one line", RuntimeWarning)
+        yield
+        return
     make_service, make_client = module.get_distributed_runtime_service, module.get_distributed_runtime_client
 
     def client_once_reachable(address, node_id, *args, init_timeout, **kwargs):
