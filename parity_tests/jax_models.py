@@ -127,7 +127,7 @@ def _router_logits(cfg: ModelConfig):
     each MoE router's logits."""
     def run(params, tokens):
         tokens, positions, segment_ids = inputs(tokens)
-        x = jnp.take(params["embed"]["embedding"], tokens, axis=0)
+        x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0)
         cos, sin = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
         index = jnp.arange(tokens.shape[1])
         mask = attention_mask(index, index, segment_ids, segment_ids, cfg.sliding_window)

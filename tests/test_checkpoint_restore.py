@@ -43,8 +43,8 @@ def test_checkpoint_from_one_mesh_restores_onto_another_with_its_shardings(saved
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     step, params, opt_state, progress, data_state = restore(directory, mesh)
     assert step == 7 and int(progress["step"]) == 7 and data_state == {"rows": 3}
-    q = params["layers"]["block_0"]["attn"]["q_proj"]["kernel"]
-    assert q.sharding.spec == abstract_state(CONFIG, TX, mesh).params["layers"]["block_0"]["attn"]["q_proj"][
+    q = params["layers"]["block_0"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == abstract_state(CONFIG, TX, mesh).params["layers"]["block_0"]["self_attn"]["q_proj"][
         "kernel"].sharding.spec and q.sharding.mesh.shape["tensor"] == 2
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), (params, opt_state),
                          (original.params, original.opt_state))

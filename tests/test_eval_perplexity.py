@@ -72,5 +72,5 @@ def test_load_run_restores_the_saved_model_tokenizer_and_config(run_dir):
     model, params, tokenizer, config = load_run(run_dir)
     assert model.vocab_size % 64 == 0 and model.vocab_size >= tokenizer.vocab_size
     assert config.model.vocab_size == model.vocab_size and config.data.seq_len == SEQ
-    assert params["embed"]["embedding"].shape == (model.vocab_size, model.d_model)
+    assert params["embed_tokens"]["embedding"].shape == (model.vocab_size, model.d_model)
     assert load_tokenizer(run_dir / "tokenizer").encode("the cat") == tokenizer.encode("the cat")

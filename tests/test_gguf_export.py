@@ -65,7 +65,7 @@ def test_mixtral_hf_dir_exports_stacked_experts_permuted_rope_and_the_tokenizer(
     np.testing.assert_array_equal(np.asarray(tensors["blk.1.ffn_down_exps.weight"].data)[2],
                                   np.asarray(block["moe"]["wo"])[1, 2].T)
     # q rows are in llama.cpp's interleaved order: row pairs (2i, 2i+1) of a head = HF rows (i, i + hd/2)
-    q_hf = np.asarray(block["attn"]["q_proj"]["kernel"])[0].reshape(32, -1).T  # [N*hd, D]
+    q_hf = np.asarray(block["self_attn"]["q_proj"]["kernel"])[0].reshape(32, -1).T  # [N*hd, D]
     q = np.asarray(tensors["blk.0.attn_q.weight"].data)
     hd = 8
     np.testing.assert_array_equal(q[1], q_hf[hd // 2])

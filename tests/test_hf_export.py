@@ -119,8 +119,8 @@ def test_q_and_o_projections_are_transposes_with_heads_flattened(tmp_path):
     params = random_params(cfg)
     export_params(params, cfg, tmp_path)
     t = load_file(tmp_path / "model.safetensors")
-    q = params["layers"]["block_0"]["attn"]["q_proj"]["kernel"][1]  # layer 1: [D, N, hd]
-    o = params["layers"]["block_0"]["attn"]["o_proj"]["kernel"][1]  # [N, hd, D]
+    q = params["layers"]["block_0"]["self_attn"]["q_proj"]["kernel"][1]  # layer 1: [D, N, hd]
+    o = params["layers"]["block_0"]["self_attn"]["o_proj"]["kernel"][1]  # [N, hd, D]
     # HF row n*hd + h of q_proj is head n, dim h
     assert np.array_equal(t["model.layers.1.self_attn.q_proj.weight"][2 * 12 + 5], q[:, 2, 5])
     assert np.array_equal(t["model.layers.1.self_attn.o_proj.weight"][:, 3 * 12 + 7], o[3, 7])
@@ -147,8 +147,8 @@ def test_sharded_export_writes_an_index_and_round_trips(tmp_path):
 def test_export_names_a_parameter_missing_from_the_tree(tmp_path):
     cfg = config("llama")
     params = random_params(cfg)
-    del params["final_norm"]
-    with pytest.raises(ExportError, match="parameter final_norm/scale is missing from the parameter tree"):
+    del params["norm"]
+    with pytest.raises(ExportError, match="parameter norm/scale is missing from the parameter tree"):
         export_params(params, cfg, tmp_path)
 
 
@@ -166,11 +166,11 @@ def test_reduced_precision_export_rounds_each_weight(dtype, np_dtype, tmp_path):
     t = load_file(tmp_path / "model.safetensors")
     emb = t["model.embed_tokens.weight"]
     assert emb.dtype == np_dtype
-    assert np.array_equal(emb, params["embed"]["embedding"].astype(np_dtype))
+    assert np.array_equal(emb, params["embed_tokens"]["embedding"].astype(np_dtype))
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["torch_dtype"] == written["dtype"] == dtype
     _, back = load_hf(tmp_path)
-    assert back["embed"]["embedding"].dtype == np.float32
+    assert back["embed_tokens"]["embedding"].dtype == np.float32
 
 
 def test_config_json_has_rope_theta_both_ways_and_no_qkv_bias(tmp_path):

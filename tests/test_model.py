@@ -58,9 +58,9 @@ def test_grouped_query_attention_equals_multi_head_with_repeated_kv():
     group = gqa.n_heads // gqa.n_kv_heads
     mha_params = jax.tree.map(lambda x: x, params)
     for name in ("k_proj", "v_proj"):
-        kernel = params["layers"]["block_0"]["attn"][name]["kernel"]  # [layers, D, n_kv_heads, head_dim]
+        kernel = params["layers"]["block_0"]["self_attn"][name]["kernel"]  # [layers, D, n_kv_heads, head_dim]
         # Query head h reads KV head h // group, so each KV head is repeated `group` times in a row.
-        mha_params["layers"]["block_0"]["attn"][name]["kernel"] = jnp.repeat(kernel, group, axis=2)
+        mha_params["layers"]["block_0"]["self_attn"][name]["kernel"] = jnp.repeat(kernel, group, axis=2)
     tokens = random_tokens(gqa, (2, 9))
     np.testing.assert_allclose(logits_of(gqa, params, tokens), logits_of(mha, mha_params, tokens), atol=1e-5)
 
@@ -90,17 +90,17 @@ def test_rope_pairs_dimension_i_with_i_plus_half():
 def test_initialisation_matches_the_original_recipe():
     cfg = tiny_config(d_model=256, d_ff=512, n_layers=8, n_heads=4, n_kv_heads=4, vocab_size=2048)
     params = init(cfg)
-    q = np.asarray(params["layers"]["block_0"]["attn"]["q_proj"]["kernel"])
-    o = np.asarray(params["layers"]["block_0"]["attn"]["o_proj"]["kernel"])
+    q = np.asarray(params["layers"]["block_0"]["self_attn"]["q_proj"]["kernel"])
+    o = np.asarray(params["layers"]["block_0"]["self_attn"]["o_proj"]["kernel"])
     down = np.asarray(params["layers"]["block_0"]["mlp"]["down_proj"]["kernel"])
-    emb = np.asarray(params["embed"]["embedding"])
+    emb = np.asarray(params["embed_tokens"]["embedding"])
     # A normal truncated at +-2 sigma has std 0.8796 sigma.
     assert q.std() == pytest.approx(0.02 * 0.8796, rel=0.03) and np.abs(q).max() <= 0.04 + 1e-7
     scaled = 0.02 / np.sqrt(2 * cfg.n_layers)
     for w in (o, down):
         assert w.std() == pytest.approx(scaled * 0.8796, rel=0.03) and np.abs(w).max() <= 2 * scaled + 1e-7
     assert emb.std() == pytest.approx(0.02, rel=0.03) and np.abs(emb).max() > 0.04  # untruncated normal
-    assert np.all(np.asarray(params["final_norm"]["scale"]) == 1.0)
+    assert np.all(np.asarray(params["norm"]["scale"]) == 1.0)
 
 
 def test_tied_embeddings_have_no_lm_head():

@@ -223,7 +223,7 @@ def test_growing_the_vocabulary_keeps_every_old_logit():
     params = init(config)
     grown, bigger = resize_vocab(params, config, 192)
     assert bigger.vocab_size == 192 and grown["lm_head"]["kernel"].shape == (config.d_model, 192)
-    np.testing.assert_allclose(grown["embed"]["embedding"][150], params["embed"]["embedding"].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(grown["embed_tokens"]["embedding"][150], params["embed_tokens"]["embedding"].mean(0), rtol=1e-6)
     tokens = np.arange(20, dtype=np.int32)[None] % config.vocab_size
     old = jitted_apply(config)(params, *row_inputs(tokens))[0]
     new = jitted_apply(bigger)(grown, *row_inputs(tokens))[0]

@@ -54,7 +54,7 @@ def test_sharded_forward_and_gradients_equal_single_device(reference, axes):
 def test_large_weights_are_split_across_devices(reference, axes, split):
     cfg = reference[0]
     params = init(cfg, mesh=sharding.make_mesh(axes))
-    attn, mlp = params["layers"]["block_0"]["attn"], params["layers"]["block_0"]["mlp"]
+    attn, mlp = params["layers"]["block_0"]["self_attn"], params["layers"]["block_0"]["mlp"]
     for name, w in [("q_proj", attn["q_proj"]["kernel"]), ("gate_proj", mlp["gate_proj"]["kernel"]),
                     ("down_proj", mlp["down_proj"]["kernel"]), ("lm_head", params["lm_head"]["kernel"])]:
         shard = w.addressable_shards[0].data

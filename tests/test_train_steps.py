@@ -52,10 +52,10 @@ def test_weight_decay_skips_norm_scales_but_covers_embeddings_and_matrices():
     mask = decay_mask(params)
     flat = {jax.tree_util.keystr(path): decays for path, decays in jax.tree_util.tree_leaves_with_path(mask)}
     no_decay = sorted(k for k, v in flat.items() if not v)
-    assert no_decay == ["['final_norm']['scale']", "['layers']['block_0']['input_norm']['scale']",
-                        "['layers']['block_0']['post_attention_norm']['scale']"], no_decay
-    assert flat["['embed']['embedding']"] and flat["['lm_head']['kernel']"]
-    assert flat["['layers']['block_0']['attn']['q_proj']['kernel']"]
+    assert no_decay == ["['layers']['block_0']['input_layernorm']['scale']",
+                        "['layers']['block_0']['post_attention_layernorm']['scale']", "['norm']['scale']"], no_decay
+    assert flat["['embed_tokens']['embedding']"] and flat["['lm_head']['kernel']"]
+    assert flat["['layers']['block_0']['self_attn']['q_proj']['kernel']"]
 
 
 def optim(**overrides) -> ml_collections.ConfigDict:

@@ -72,10 +72,10 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, mask, valid, cache=None, cache_index=None):
         cfg = self.config
-        h, cache = Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, cfg.dtype, name="input_norm")(x),
-                                               cos, sin, mask, cache, cache_index)
+        h, cache = Attention(cfg, name="self_attn")(RMSNorm(cfg.norm_eps, cfg.dtype, name="input_layernorm")(x),
+                                                    cos, sin, mask, cache, cache_index)
         x = x + h
-        h = RMSNorm(cfg.norm_eps, cfg.dtype, name="post_attention_norm")(x)
+        h = RMSNorm(cfg.norm_eps, cfg.dtype, name="post_attention_layernorm")(x)
         if self.moe:
             h, aux = MoEMLP(cfg, name="moe")(h, valid, self.deterministic)
         else:
@@ -135,7 +135,7 @@ class Transformer(nn.Module):
         applied to those layers' outputs. Both None (the default) leave the computation unchanged.
         """
         cfg = self.config
-        embed = TokenEmbedding(cfg, name="embed")
+        embed = TokenEmbedding(cfg, name="embed_tokens")
         x = nn.with_logical_constraint(embed(tokens), RESIDUAL_AXES)
         context, kv_segment_ids = attention_context(cfg, positions, segment_ids, cache)
 
@@ -159,7 +159,7 @@ class Transformer(nn.Module):
             if exits is not None:  # [n_units, n_blocks, B, T, D] -> one entry per layer, in layer order
                 hidden.append(stage_hidden.reshape(-1, *stage_hidden.shape[2:]))
 
-        final_norm = RMSNorm(cfg.norm_eps, cfg.dtype, name="final_norm")
+        final_norm = RMSNorm(cfg.norm_eps, cfg.dtype, name="norm")
         lm_head = None if cfg.tie_embeddings else Linear(
             (cfg.d_model, cfg.vocab_size), 1, ("embed", "vocab"), weight_init(cfg), cfg.dtype, name="lm_head")
 

@@ -46,14 +46,14 @@ def unstack_layers(params, config: ModelConfig, n_layers: int | None = None) -> 
 
 
 def embed(params, config: ModelConfig, tokens):
-    return TokenEmbedding(config).apply({"params": params["embed"]}, tokens)
+    return TokenEmbedding(config).apply({"params": params["embed_tokens"]}, tokens)
 
 
 def head(params, config: ModelConfig, x):
     """Final norm + LM head (tied or not) -> float32 logits, exactly as the model's own output."""
-    x = RMSNorm(config.norm_eps, config.dtype).apply({"params": params["final_norm"]}, x)
+    x = RMSNorm(config.norm_eps, config.dtype).apply({"params": params["norm"]}, x)
     if config.tie_embeddings:
-        out = TokenEmbedding(config).apply({"params": params["embed"]}, x, method="attend")
+        out = TokenEmbedding(config).apply({"params": params["embed_tokens"]}, x, method="attend")
     else:
         out = Linear((config.d_model, config.vocab_size), 1, ("embed", "vocab"), weight_init(config),
                      config.dtype).apply({"params": params["lm_head"]}, x)
@@ -99,8 +99,8 @@ def fill_kv(config: ModelConfig, slot: LayerSlot, layer_params, x, ctx, cache):
     input norm, k/v projections and RoPE of `Attention`, nothing else."""
     cos, sin, _, _, cache_index = ctx
     hd = config.resolved_head_dim
-    h = RMSNorm(config.norm_eps, config.dtype).apply({"params": layer_params["input_norm"]}, x)
-    attn = layer_params["attn"]
+    h = RMSNorm(config.norm_eps, config.dtype).apply({"params": layer_params["input_layernorm"]}, x)
+    attn = layer_params["self_attn"]
 
     def proj(name):
         return Linear((x.shape[-1], config.n_kv_heads, hd), 1, ("embed", "kv_heads", "head_dim"), weight_init(config),

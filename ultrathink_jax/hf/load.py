@@ -169,7 +169,7 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: ModelConfig) -> 
         filled[entry.jax_path] = filled.get(entry.jax_path, 0) + int(np.prod(jax_shape))
     if config.tie_embeddings and "lm_head.weight" in tensors:
         lm_head = tensors.pop("lm_head.weight")
-        if not np.array_equal(np.asarray(lm_head, np.float32), params["embed"]["embedding"]):
+        if not np.array_equal(np.asarray(lm_head, np.float32), params["embed_tokens"]["embedding"]):
             raise HFFormatError("lm_head.weight differs from model.embed_tokens.weight but tie_word_embeddings=true")
     if tensors:
         extra = sorted(tensors)

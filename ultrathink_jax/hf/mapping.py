@@ -4,15 +4,17 @@ Families: a dense model is `llama`; MoE in every layer, no shared expert, renorm
 else (leading dense layers, MoE every k-th layer, a shared expert, `norm_topk_prob=False`, or a dense model with a
 sliding window, which llama cannot express) is `qwen2_moe`.
 
-Every tensor maps by a transpose/reshape only (the model uses Hugging Face's rotate-half RoPE, so no permutation):
-  embed/embedding [V, D]                   model.embed_tokens.weight [V, D]
-  attn/q_proj/kernel [D, N, hd]            self_attn.q_proj.weight [N*hd, D]      (k_proj, v_proj alike)
-  attn/o_proj/kernel [N, hd, D]            self_attn.o_proj.weight [D, N*hd]
+Every tensor maps by a transpose/reshape only (the model uses Hugging Face's rotate-half RoPE, so no permutation).
+Names are Hugging Face's except where Flax's differ by convention (`kernel`/`scale`/`embedding` for `weight`) and
+the MoE block (`moe/router`, stacked `wi_*`/`wo`: one [E, ...] tensor per kind, which HF splits per expert):
+  embed_tokens/embedding [V, D]            model.embed_tokens.weight [V, D]
+  self_attn/q_proj/kernel [D, N, hd]       self_attn.q_proj.weight [N*hd, D]      (k_proj, v_proj alike)
+  self_attn/o_proj/kernel [N, hd, D]       self_attn.o_proj.weight [D, N*hd]
   mlp/{gate,up}_proj/kernel [D, F]         mlp.{gate,up}_proj.weight [F, D]        down_proj [F, D] -> [D, F]
   moe/router/kernel [D, E]                 mlp.gate.weight / block_sparse_moe.gate.weight [E, D]
   moe/wi_gate, wi_up [E, D, F]; wo [E, F, D]  per expert e: gate_proj/w1, up_proj/w3 [F, D]; down_proj/w2 [D, F]
   moe/shared_expert/*, shared_expert_gate  mlp.shared_expert.*, mlp.shared_expert_gate.weight [1, D]
-  *_norm/scale [D]                         *_layernorm.weight, model.norm.weight
+  {input,post_attention}_layernorm/scale   the same names' .weight [D]; norm/scale is model.norm.weight
   lm_head/kernel [D, V]                    lm_head.weight [V, D] (absent when tied)
 Expert tensors use the per-expert names that transformers 4.x loads and 5.x both writes and loads.
 
@@ -279,13 +281,13 @@ class TensorMap:
 def tensor_table(config: ModelConfig) -> list[TensorMap]:
     """Every Hugging Face tensor of `config`'s export, in layer order (stages and units run in layer order)."""
     fam = family(config)
-    table = [TensorMap("model.embed_tokens.weight", ("embed", "embedding"), (), "copy")]
+    table = [TensorMap("model.embed_tokens.weight", ("embed_tokens", "embedding"), (), "copy")]
     for stage in layer_plan(config):
         for unit in range(stage.n_units):
             for block, is_moe in enumerate(stage.unit):
                 i = stage.layer_index(unit, block)
                 table += _layer_tensors(config, fam, f"model.layers.{i}", (stage.name, f"block_{block}"), unit, is_moe)
-    table.append(TensorMap("model.norm.weight", ("final_norm", "scale"), (), "copy"))
+    table.append(TensorMap("model.norm.weight", ("norm", "scale"), (), "copy"))
     if not config.tie_embeddings:
         table.append(TensorMap("lm_head.weight", ("lm_head", "kernel"), (), "transpose"))
     return table
@@ -293,11 +295,11 @@ def tensor_table(config: ModelConfig) -> list[TensorMap]:
 
 def _layer_tensors(cfg: ModelConfig, fam: str, hf: str, block: tuple[str, str], unit: int, is_moe: bool):
     u = (unit,)
-    out = [TensorMap(f"{hf}.input_layernorm.weight", block + ("input_norm", "scale"), u, "copy"),
-           TensorMap(f"{hf}.post_attention_layernorm.weight", block + ("post_attention_norm", "scale"), u, "copy")]
+    out = [TensorMap(f"{hf}.input_layernorm.weight", block + ("input_layernorm", "scale"), u, "copy"),
+           TensorMap(f"{hf}.post_attention_layernorm.weight", block + ("post_attention_layernorm", "scale"), u, "copy")]
     for proj in ("q_proj", "k_proj", "v_proj"):
-        out.append(TensorMap(f"{hf}.self_attn.{proj}.weight", block + ("attn", proj, "kernel"), u, "heads_in"))
-    out.append(TensorMap(f"{hf}.self_attn.o_proj.weight", block + ("attn", "o_proj", "kernel"), u, "heads_out"))
+        out.append(TensorMap(f"{hf}.self_attn.{proj}.weight", block + ("self_attn", proj, "kernel"), u, "heads_in"))
+    out.append(TensorMap(f"{hf}.self_attn.o_proj.weight", block + ("self_attn", "o_proj", "kernel"), u, "heads_out"))
     if not is_moe:
         for proj in ("gate_proj", "up_proj", "down_proj"):
             out.append(TensorMap(f"{hf}.mlp.{proj}.weight", block + ("mlp", proj, "kernel"), u, "transpose"))

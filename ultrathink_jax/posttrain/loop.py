@@ -64,9 +64,9 @@ def resize_vocab(params, model: ModelConfig, vocab_size: int):
     (a neutral start for added special tokens)."""
     if vocab_size <= model.vocab_size:
         return params, model
-    emb = params["embed"]["embedding"]
+    emb = params["embed_tokens"]["embedding"]
     extra = vocab_size - model.vocab_size
-    params = {**params, "embed": {"embedding": jnp.concatenate(
+    params = {**params, "embed_tokens": {"embedding": jnp.concatenate(
         [emb, jnp.broadcast_to(jnp.mean(emb, axis=0), (extra, emb.shape[1]))])}}
     if not model.tie_embeddings:
         head = params["lm_head"]["kernel"]

@@ -1,7 +1,7 @@
 """LoRA (Hu et al. 2021): y = x W + (alpha / rank) * dropout(x) A B on chosen projections, W frozen.
 
-Adapters live in their own tree that mirrors the model's: for a target projection at `.../attn/q_proj`, the
-tree holds `.../attn/q_proj/{lora_a, lora_b}` with the scanned layer axis first, A [U, *in, r] and B [U, r, *out]
+Adapters live in their own tree that mirrors the model's: for a target projection at `.../self_attn/q_proj`, the
+tree holds `.../self_attn/q_proj/{lora_a, lora_b}` with the scanned layer axis first, A [U, *in, r] and B [U, r, *out]
 (in/out = the kernel's input/output axes, e.g. q_proj [D] -> [heads, head_dim]). B starts at zero, so training
 starts from exactly the base model. The forward pass puts the adapters beside the kernels in the params given to
 the unchanged model and a flax method interceptor adds the low-rank term to those projections' outputs (so the
@@ -26,10 +26,9 @@ from ultrathink_jax.layers.linear import Linear
 from ultrathink_jax.tree import leaf_at
 
 # projection name -> (parent module, kernel module, number of input axes of its kernel)
-TARGETS = {"q": ("attn", "q_proj", 1), "k": ("attn", "k_proj", 1), "v": ("attn", "v_proj", 1),
-           "o": ("attn", "o_proj", 2), "gate": ("mlp", "gate_proj", 1), "up": ("mlp", "up_proj", 1),
+TARGETS = {"q": ("self_attn", "q_proj", 1), "k": ("self_attn", "k_proj", 1), "v": ("self_attn", "v_proj", 1),
+           "o": ("self_attn", "o_proj", 2), "gate": ("mlp", "gate_proj", 1), "up": ("mlp", "up_proj", 1),
            "down": ("mlp", "down_proj", 1)}
-_HF_PARENT = {"attn": "self_attn", "mlp": "mlp"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +180,7 @@ def peft_adapter(adapters, lora: LoraConfig, model: ModelConfig, out_dir: str | 
         # HF weights are [out, in] with the kernel's in/out axes flattened in order: W_hf = B_hf A_hf
         tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, lora.rank).T)
         tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(lora.rank, -1).T)
-        modules.add(f"{_HF_PARENT[entry.jax_path[-3]]}.{entry.jax_path[-2]}")
+        modules.add(f"{entry.jax_path[-3]}.{entry.jax_path[-2]}")  # our names are peft's (HF's) module names
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata=SAFETENSORS_METADATA)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
