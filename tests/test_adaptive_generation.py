@@ -41,7 +41,9 @@ def test_speculative_greedy_equals_plain_greedy_token_for_token(dense, name, dra
     assert any(len(t) < 24 for t in got) and got[0][-1] == eos
     single, _ = spec.generate(ps[:1], 24)
     assert single == plain[:1]
-    assert 0 < stats.acceptance_rate <= 1 and stats.tokens_per_round > 1 and stats.rounds > 0, stats
+    # Rows commit the batch's common accepted prefix, so on random weights a batch may gain nothing per round
+    # (tokens_per_round 1) although drafts are accepted in some rows.
+    assert 0 < stats.acceptance_rate <= 1 and stats.tokens_per_round >= 1 and stats.rounds > 0, stats
 
 
 def exact_two_token_distribution(config, params, prompt, n_layers=None):
