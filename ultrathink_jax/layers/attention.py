@@ -40,12 +40,23 @@ def grouped_attention(q, k, v, mask, scale):
     B, T, H, hd = q.shape
     S, K = k.shape[1], k.shape[2]
     G = H // K
-    q = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
+    # float32 (the CPU training path) avoids two scores-sized broadcasts that XLA:CPU would materialise, because it
+    # fuses elementwise ops into its matmuls only with full-size operands: the scale goes on q ([T, hd] per head)
+    # instead of the [T, S] scores, and the softmax is normalised after the PV matmul (as flash attention does), so
+    # 1 / sum divides [T, hd]. Other dtypes keep the textbook order: an extra bf16 rounding of q or of the
+    # unnormalised probabilities moves bf16 logits measurably (parity_tests/test_jax_bf16.py).
+    fast = q.dtype == jnp.float32
+    q = (q * scale if fast else q).reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, hd]
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
     bias = mask if jnp.issubdtype(mask.dtype, jnp.floating) else mask_bias(mask)
-    probs = jax.nn.softmax(scores.reshape(B, K, G, T, S) + bias[:, :, None], axis=-1).reshape(B, K, G * T, S)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v)
+    scores = (scores if fast else scores * scale).reshape(B, K, G, T, S) + bias[:, :, None]
+    if fast:
+        e = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+        out = jnp.einsum("bkqs,bksd->bkqd", e.reshape(B, K, G * T, S), v) / e.sum(-1).reshape(B, K, G * T, 1)
+    else:
+        probs = jax.nn.softmax(scores, axis=-1).reshape(B, K, G * T, S)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v)
     return out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
