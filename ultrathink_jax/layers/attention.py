@@ -60,6 +60,27 @@ def grouped_attention(q, k, v, mask, scale):
     return out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
+def write_cache(cache, k, v, index, unit=None):
+    """Writes k/v [B, T, K, hd] at position `index`; returns (cache, this layer's k, v [B, S, K, hd]).
+
+    cache {"k", "v"}: one layer's [B, K, S, hd], or with `unit` a stacked stage's [n_units, B, K, S, hd] (the layer
+    scan's carry), written at [unit, :, :, index] in place: slicing the unit out and stacking it back, as a scanned
+    input/output does, copies that layer's whole cache twice per decoded token. Heads-major, because
+    `grouped_attention` multiplies K/V as [B, K, S, hd]: the returned [B, S, K, hd] views transpose back for free
+    (sequence-major storage cost one transposed copy of the cache per layer per token)."""
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if unit is None:
+        cache = {n: jax.lax.dynamic_update_slice_in_dim(cache[n], t.astype(cache[n].dtype), index, axis=2)
+                 for n, t in (("k", k), ("v", v))}
+        layer = cache
+    else:
+        zero = jnp.zeros((), jnp.int32)
+        cache = {n: jax.lax.dynamic_update_slice(cache[n], t[None].astype(cache[n].dtype),
+                                                 (unit, zero, zero, index, zero)) for n, t in (("k", k), ("v", v))}
+        layer = {n: jax.lax.dynamic_index_in_dim(cache[n], unit, keepdims=False) for n in ("k", "v")}
+    return cache, layer["k"].transpose(0, 2, 1, 3), layer["v"].transpose(0, 2, 1, 3)
+
+
 def resolve_implementation(config: ModelConfig) -> str:
     if config.attention_impl != "auto":
         return config.attention_impl
@@ -71,8 +92,8 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
-        """x [B, T, D]; mask [B, 1, T, S]; cache {"k", "v": [B, S, n_kv_heads, head_dim]} written at cache_index."""
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, cache_unit=None):
+        """x [B, T, D]; mask [B, 1, T, S]; cache {"k", "v"} written at cache_index (see `write_cache`)."""
         cfg = self.config
         hd = cfg.resolved_head_dim
 
@@ -87,9 +108,7 @@ class Attention(nn.Module):
         v = nn.with_logical_constraint(v, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
 
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
-            cache = {"k": k, "v": v}
+            cache, k, v = write_cache(cache, k, v, cache_index, cache_unit)
 
         impl = resolve_implementation(cfg)
         # cuDNN skips the masked-out causal blocks when told the mask is causal; the explicit mask keeps segments
