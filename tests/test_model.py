@@ -121,9 +121,9 @@ def test_layer_plan_places_every_layer_once():
         assert all(moe == cfg.is_moe_layer(i) for i, moe in placed), kw
 
 
-@pytest.mark.parametrize("sliding_window", [0, 5])
-def test_kv_cached_decoding_equals_full_recompute(sliding_window):
-    cfg = tiny_config(sliding_window=sliding_window)
+@pytest.mark.parametrize("sliding_window, scan_unroll", [(0, 0), (5, 0), (0, 1)])
+def test_kv_cached_decoding_equals_full_recompute(sliding_window, scan_unroll):
+    cfg = tiny_config(sliding_window=sliding_window, scan_unroll=scan_unroll)  # 1: a rolled scan carries the cache
     params = init(cfg)
     apply = jitted_apply(cfg)
     tokens = random_tokens(cfg, (2, 12))

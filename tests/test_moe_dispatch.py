@@ -143,8 +143,8 @@ def test_gradients_reach_every_expert_weight_and_the_combine_weights(fn):
         assert np.isfinite(np.asarray(g)).all() and (per_expert > 0).all(), (name, per_expert)
 
 
-@pytest.mark.parametrize("tile", [5, 64])  # several partial tiles per group; one tile holding everything
-def test_tiled_grouped_matmul_equals_ragged_dot_in_value_and_gradient(monkeypatch, tile):
+@pytest.mark.parametrize("impl, tile", [("tiled", 5), ("tiled", 64), ("gather", 64)])  # tiled: several partial
+def test_cpu_grouped_matmuls_equal_ragged_dot_in_value_and_gradient(monkeypatch, impl, tile):  # tiles; one for all
     monkeypatch.setattr(dispatch, "GROUP_TILE", tile)
     x, index, weight, *w = problem(seed=3)
     index = np.where(index == 1, 0, index)  # uneven groups and an empty expert
@@ -153,11 +153,34 @@ def test_tiled_grouped_matmul_equals_ragged_dot_in_value_and_gradient(monkeypatc
         y = dispatch._dropless_local(x, jnp.asarray(index), weight, *w, jax.nn.silu, impl=impl)
         return jnp.sum(y * jnp.cos(y)), y
 
-    outs = {impl: jax.value_and_grad(loss, argnums=(1, 2, 3, 4, 5), has_aux=True)(impl, x, weight, *w)
-            for impl in ("tiled", "ragged_dot")}
-    (_, y_tiled), g_tiled = outs["tiled"]
+    outs = {i: jax.value_and_grad(loss, argnums=(1, 2, 3, 4, 5), has_aux=True)(i, x, weight, *w)
+            for i in (impl, "ragged_dot")}
+    (_, y_cpu), g_cpu = outs[impl]
     (_, y_ragged), g_ragged = outs["ragged_dot"]
-    np.testing.assert_allclose(y_tiled, y_ragged, atol=1e-5)
-    for a, b in zip(g_tiled, g_ragged):
+    np.testing.assert_allclose(y_cpu, y_ragged, atol=1e-5)
+    for a, b in zip(g_cpu, g_ragged):
         np.testing.assert_allclose(a, b, atol=1e-4)
-    assert dispatch.grouped_matmul_impl() == "tiled"  # the CPU backend these tests run on
+
+
+def test_grouped_matmul_impl_gathers_only_for_few_assignments_on_cpu():
+    limit = dispatch.GATHER_MAX_PER_EXPERT * E
+    assert dispatch.grouped_matmul_impl(limit, E) == "gather"
+    assert dispatch.grouped_matmul_impl(limit + 1, E) == "tiled"
+
+
+def test_dropless_at_decode_shape_gathers_without_sorting_and_equals_the_loop():
+    x, index, weight, *w = problem(seed=5)
+    x, index, weight = x[:, :1], index[:, :1], weight[:, :1]  # one token per row: B * k = 4 <= 2E assignments
+    args = (x, index, weight, np.ones((B, 1), bool), *w)
+    run = jax.jit(lambda *a: dispatch.dropless(*a, jax.nn.silu))
+    y, dropped = run(*args)
+    jaxpr = str(jax.make_jaxpr(run)(*args))
+    assert " sort[" not in jaxpr and " gather[" in jaxpr, "the decode shape must take the gather path"
+    ref = np.zeros(x.shape)
+    for b in range(B):
+        for j in range(K):
+            e = index[b, 0, j]
+            h = np_silu(x[b, 0] @ w[0][e]) * (x[b, 0] @ w[1][e])
+            ref[b, 0] += weight[b, 0, j] * (h @ w[2][e])
+    np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5)
+    assert float(dropped) == 0.0

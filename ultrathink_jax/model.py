@@ -70,10 +70,10 @@ class Block(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, valid, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, valid, cache=None, cache_index=None, cache_unit=None):
         cfg = self.config
         h, cache = Attention(cfg, name="self_attn")(RMSNorm(cfg.norm_eps, cfg.dtype, name="input_layernorm")(x),
-                                                    cos, sin, mask, cache, cache_index)
+                                                    cos, sin, mask, cache, cache_index, cache_unit)
         x = x + h
         h = RMSNorm(cfg.norm_eps, cfg.dtype, name="post_attention_layernorm")(x)
         if self.moe:
@@ -84,7 +84,8 @@ class Block(nn.Module):
 
 
 class Unit(nn.Module):
-    """One scan step: the blocks of one unit in order. Scanned inputs are this unit's KV caches (or None)."""
+    """One scan step: the blocks of one unit in order. The carry holds x and the stage's stacked KV caches (or
+    None), which block b of unit `unit` writes in place (`write_cache`)."""
 
     config: ModelConfig
     kinds: tuple[bool, ...]
@@ -92,18 +93,19 @@ class Unit(nn.Module):
     collect_hidden: bool = False  # also return each block's output (early-exit heads read them)
 
     @nn.compact
-    def __call__(self, x, context, caches, keep):
+    def __call__(self, carry, context, unit, keep):
         """keep: None, or bool [n_blocks, B]: False skips that block for that row (layer dropout)."""
+        x, caches = carry
         cos, sin, mask, valid, cache_index = context
         new_caches, aux, hidden = [], {}, []
         for b, moe in enumerate(self.kinds):
             y, cache, block_aux = Block(self.config, moe, self.deterministic, name=f"block_{b}")(
-                x, cos, sin, mask, valid, None if caches is None else caches[b], cache_index)
+                x, cos, sin, mask, valid, None if caches is None else caches[b], cache_index, unit)
             x = y if keep is None else jnp.where(keep[b][:, None, None], y, x)
             new_caches.append(cache)
             hidden.append(x)
             aux = aux or block_aux  # at most one MoE block per unit
-        return x, (None if caches is None else new_caches, aux, jnp.stack(hidden) if self.collect_hidden else None)
+        return (x, None if caches is None else new_caches), (aux, jnp.stack(hidden) if self.collect_hidden else None)
 
 
 def _remat(module, policy: str):
@@ -145,13 +147,13 @@ class Transformer(nn.Module):
                 _remat(Unit, cfg.remat_policy),
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "jitter": True},
-                in_axes=(nn.broadcast, 0, 0),
+                in_axes=(nn.broadcast, 0, 0),  # context; unit index; layer_keep
                 length=stage.n_units,
                 metadata_params={nn.PARTITION_NAME: "layers"},
                 unroll=scan_unroll(cfg, stage.n_units),
             )(cfg, stage.unit, deterministic, exits is not None, name=stage.name)
-            x, (stage_cache, aux, stage_hidden) = scanned(
-                x, context, None if cache is None else cache["stages"][stage.name],
+            (x, stage_cache), (aux, stage_hidden) = scanned(
+                (x, None if cache is None else cache["stages"][stage.name]), context, jnp.arange(stage.n_units),
                 None if layer_keep is None else layer_keep[stage.name])
             stage_caches[stage.name] = stage_cache
             if aux:
@@ -199,9 +201,10 @@ def attention_context(cfg: ModelConfig, positions, segment_ids, cache):
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-    """An empty KV cache for `max_len` positions: per stage, per block of a unit, k/v [n_units, B, S, K, hd]."""
+    """An empty KV cache for `max_len` positions: per stage, per block of a unit, k/v [n_units, B, K, S, hd]
+    (heads-major, see `write_cache`)."""
     dtype = dtype or config.dtype
-    shape = lambda n: (n, batch, max_len, config.n_kv_heads, config.resolved_head_dim)
+    shape = lambda n: (n, batch, config.n_kv_heads, max_len, config.resolved_head_dim)
     stages = {s.name: [{"k": jnp.zeros(shape(s.n_units), dtype), "v": jnp.zeros(shape(s.n_units), dtype)}
                        for _ in s.unit] for s in layer_plan(config)}
     return {"index": jnp.zeros((), jnp.int32), "segment_ids": jnp.zeros((batch, max_len), jnp.int32),

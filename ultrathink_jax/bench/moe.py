@@ -1,5 +1,5 @@
-"""MoE training speed: dropless (ragged_dot) vs capacity-factor dispatch vs a dense model with the same active
-parameters, forward + backward of the training loss on one device."""
+"""MoE speed: training (dropless vs capacity-factor dispatch vs a dense model with the same active parameters,
+forward + backward of the training loss on one device), and one MoE layer's decode step (gather vs tiled)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.losses import cross_entropy
 from ultrathink_jax.model import Transformer
 from ultrathink_jax.moe import inactive_expert_params, moe_loss
-from ultrathink_jax.moe.dispatch import GROUP_TILE
+from ultrathink_jax.moe.dispatch import GATHER_MAX_PER_EXPERT, GROUP_TILE
 from ultrathink_jax.params import abstract_params, param_count
 
 TITLE = "MoE: dropless vs capacity dispatch vs dense with equal active parameters (training fwd+bwd)"
+DECODE_BATCHES = (1, 8, 16)
+DECODE_STEPS = 64
 RAGGED = "moe dropless (ragged_dot, forced)"
 
 
@@ -80,7 +82,7 @@ def _measure_all(configs: dict, batch: int, seq: int, repeats: int) -> dict:
     for name, config in configs.items():
         original = dispatch.grouped_matmul_impl
         if name == RAGGED:  # what CPU would run without the tiled path: ragged_dot as XLA:CPU lowers it
-            dispatch.grouped_matmul_impl = lambda: "ragged_dot"
+            dispatch.grouped_matmul_impl = lambda *shape: "ragged_dot"
         try:
             compiled[name] = _measure(config, batch, seq, repeats)
         finally:
@@ -95,6 +97,57 @@ def _measure_all(configs: dict, batch: int, seq: int, repeats: int) -> dict:
         out[name] = {"step_ms": 1e3 * best, "tokens_per_s": batch * seq / best, "compile_s": m["compile_s"],
                      "dropped": m["dropped"]}
     return out
+
+
+def _decode_step_fn(config: ModelConfig, batch: int):
+    """DECODE_STEPS decode steps of one MoE layer ([batch, 1, D] each), jitted as one loop. Each step feeds the
+    normalised output back, so routing changes every step and nothing is loop-invariant for XLA to hoist."""
+    from ultrathink_jax.moe import MoEMLP
+
+    layer = MoEMLP(config)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, 1, config.d_model)), jnp.float32)
+    valid = jnp.ones((batch, 1), bool)
+    shapes = nn.unbox(jax.eval_shape(layer.init, jax.random.key(0), x, valid))
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.05, jnp.float32), shapes)
+
+    def steps(params, x):
+        def step(_, x):
+            x = x + layer.apply(params, x, valid)[0]
+            return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True))
+        return jax.lax.fori_loop(0, DECODE_STEPS, step, x)
+
+    return jax.jit(steps), (params, x)
+
+
+def _decode_rows(config: ModelConfig, repeats: int) -> list[str]:
+    """Per batch: the layer's decode step with the CPU rule's choice vs the tiled path forced, interleaved."""
+    from ultrathink_jax.moe import dispatch
+
+    rows = []
+    for batch in DECODE_BATCHES:
+        n_assign = batch * config.n_experts_per_tok
+        compiled = {}
+        for impl, limit in (("gather", n_assign), ("tiled", 0)):  # GATHER_MAX_PER_EXPERT read at trace time
+            original = dispatch.GATHER_MAX_PER_EXPERT
+            dispatch.GATHER_MAX_PER_EXPERT = limit / config.n_experts
+            try:
+                fn, args = _decode_step_fn(config, batch)
+                jax.block_until_ready(fn(*args))
+            finally:
+                dispatch.GATHER_MAX_PER_EXPERT = original
+            compiled[impl] = (fn, args)
+        times = {impl: [] for impl in compiled}
+        for _ in range(repeats):
+            for impl, (fn, args) in compiled.items():
+                start = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                times[impl].append((time.perf_counter() - start) / DECODE_STEPS)
+        us = {impl: 1e6 * float(np.median(t)) for impl, t in times.items()}
+        chosen = dispatch.grouped_matmul_impl(n_assign, config.n_experts)
+        rows.append(f"| {batch} | {n_assign} | {chosen} | {us['gather']:.0f} | {us['tiled']:.0f} | "
+                    f"{us['tiled'] / us['gather']:.2f}x |")
+    return rows
 
 
 def run(quick: bool) -> str:
@@ -120,9 +173,22 @@ def run(quick: bool) -> str:
             f"'dropped' is the capacity mode's share of top-k assignments not computed on this random-init batch. "
             f"'moe dropless' is what runs on CPU: the tiled grouped matmul (`moe.dispatch._tiled_experts`, tiles of "
             f"{GROUP_TILE} rows, each expert's group padded to a tile multiple, one batched matmul with per-tile "
-            f"expert weights; at most {moe.n_experts} partial tiles wasted). The forced ragged_dot row is the path "
+            f"expert weights gathered; rows moved by gathers both ways, forward and backward; at most "
+            f"{moe.n_experts} partial tiles wasted). The forced ragged_dot row is the path "
             f"GPU/TPU take: on the CPU backend XLA lowers `jax.lax.ragged_dot` to a masked dense product over all "
             f"{moe.n_experts} experts (E x the expert FLOPs). The capacity einsums do about capacity_factor x the "
             f"useful work and drop overflow. 1-minute load average {os.getloadavg()[0]:.1f} at the end (shared "
             f"2-core machine: compare the ratios, measured in one run).")
-    return "\n".join(rows) + "\n\n" + what
+    decode = ["| batch (1 token each) | assignments (B x k) | CPU rule picks | gather (us/step, median) | "
+              "tiled (us/step, median) | gather speed-up |", "|---|---:|---|---:|---:|---:|",
+              *_decode_rows(moe, repeats)]
+    decode_what = (f"One MoE layer of the same model decoding: {DECODE_STEPS} steps of [batch, 1, {moe.d_model}] in "
+                   f"one jitted loop (each step's output, normalised, is the next input, so routing changes every "
+                   f"step), median of {repeats} interleaved runs, per step. 'gather' copies each assignment's "
+                   f"expert weights and does batched mat-vecs (`moe.dispatch._gathered_experts`); 'tiled' is the "
+                   f"training path forced. `dispatch.grouped_matmul_impl` picks gather up to {GATHER_MAX_PER_EXPERT} "
+                   f"assignments per expert (B x k <= {GATHER_MAX_PER_EXPERT * moe.n_experts} here): "
+                   f"in the decode engine, where the gather also slices the layer's weights out of the stacked "
+                   f"layers, gather measured slower than tiled at 4E assignments (see `grouped_matmul_impl`).")
+    return "\n".join(rows) + "\n\n" + what + "\n\n" + "\n".join(decode) + "\n\n" + decode_what
+

@@ -5,6 +5,9 @@ compiles nothing unless it lands in a new bucket, and decoding never compiles pe
 padding has segment id 0 (the model's mask keeps it out of real tokens' attention), real tokens segment 1 with
 positions counting from 0 at each row's first token, so every row's next token is read at the same column.
 
+The cache is donated to every step and rides in the layer scan's carry (`model.Unit`, `write_cache`), so a step
+writes only the new position of each layer's k/v, in place, instead of copying the whole cache through the scan.
+
 Two decode paths share one step function and one per-step key (`fold_in(seed, step)`), so they give the same
 tokens: a `lax.while_loop` running on device until every row is done (fast), or a Python loop that hands each
 new token to a callback (streaming).
@@ -58,7 +61,7 @@ def bucket(n: int) -> int:
 def _cache_sharding(mesh: Mesh, cache):
     """KV cache laid out like the activations it stores: batch over data axes, kv heads over tensor."""
     def one(x):
-        axes = {0: (), 2: ("act_batch", None), 5: (None, "act_batch", None, "act_kv_heads", None)}[x.ndim]
+        axes = {0: (), 2: ("act_batch", None), 5: (None, "act_batch", "act_kv_heads", None, None)}[x.ndim]
         return sharding.logical_sharding(mesh, axes)
     return jax.tree.map(one, cache)
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ultrathink_jax.config import ModelConfig
+from ultrathink_jax.layers.attention import write_cache
 from ultrathink_jax.layers.embedding import TokenEmbedding
 from ultrathink_jax.layers.init import weight_init
 from ultrathink_jax.layers.linear import Linear
@@ -106,8 +107,6 @@ def fill_kv(config: ModelConfig, slot: LayerSlot, layer_params, x, ctx, cache):
         return Linear((x.shape[-1], config.n_kv_heads, hd), 1, ("embed", "kv_heads", "head_dim"), weight_init(config),
                       config.dtype).apply({"params": attn[name]}, h)
 
-    old = cache["layers"][slot.layer]
     k, v = apply_rope(proj("k_proj"), cos, sin), proj("v_proj")
-    new = {n: jax.lax.dynamic_update_slice_in_dim(old[n], t.astype(old[n].dtype), cache_index, axis=1)
-           for n, t in (("k", k), ("v", v))}
+    new, _, _ = write_cache(cache["layers"][slot.layer], k, v, cache_index)
     return _set_layer_cache(cache, slot, new)

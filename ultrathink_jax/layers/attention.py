@@ -40,13 +40,45 @@ def grouped_attention(q, k, v, mask, scale):
     B, T, H, hd = q.shape
     S, K = k.shape[1], k.shape[2]
     G = H // K
-    q = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
+    # float32 (the CPU training path) avoids two scores-sized broadcasts that XLA:CPU would materialise, because it
+    # fuses elementwise ops into its matmuls only with full-size operands: the scale goes on q ([T, hd] per head)
+    # instead of the [T, S] scores, and the softmax is normalised after the PV matmul (as flash attention does), so
+    # 1 / sum divides [T, hd]. Other dtypes keep the textbook order: an extra bf16 rounding of q or of the
+    # unnormalised probabilities moves bf16 logits measurably (parity_tests/test_jax_bf16.py).
+    fast = q.dtype == jnp.float32
+    q = (q * scale if fast else q).reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, hd]
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
     bias = mask if jnp.issubdtype(mask.dtype, jnp.floating) else mask_bias(mask)
-    probs = jax.nn.softmax(scores.reshape(B, K, G, T, S) + bias[:, :, None], axis=-1).reshape(B, K, G * T, S)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v)
+    scores = (scores if fast else scores * scale).reshape(B, K, G, T, S) + bias[:, :, None]
+    if fast:
+        e = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+        out = jnp.einsum("bkqs,bksd->bkqd", e.reshape(B, K, G * T, S), v) / e.sum(-1).reshape(B, K, G * T, 1)
+    else:
+        probs = jax.nn.softmax(scores, axis=-1).reshape(B, K, G * T, S)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v)
     return out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+
+
+def write_cache(cache, k, v, index, unit=None):
+    """Writes k/v [B, T, K, hd] at position `index`; returns (cache, this layer's k, v [B, S, K, hd]).
+
+    cache {"k", "v"}: one layer's [B, K, S, hd], or with `unit` a stacked stage's [n_units, B, K, S, hd] (the layer
+    scan's carry), written at [unit, :, :, index] in place: slicing the unit out and stacking it back, as a scanned
+    input/output does, copies that layer's whole cache twice per decoded token. Heads-major, because
+    `grouped_attention` multiplies K/V as [B, K, S, hd]: the returned [B, S, K, hd] views transpose back for free
+    (sequence-major storage cost one transposed copy of the cache per layer per token)."""
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if unit is None:
+        cache = {n: jax.lax.dynamic_update_slice_in_dim(cache[n], t.astype(cache[n].dtype), index, axis=2)
+                 for n, t in (("k", k), ("v", v))}
+        layer = cache
+    else:
+        zero = jnp.zeros((), jnp.int32)
+        cache = {n: jax.lax.dynamic_update_slice(cache[n], t[None].astype(cache[n].dtype),
+                                                 (unit, zero, zero, index, zero)) for n, t in (("k", k), ("v", v))}
+        layer = {n: jax.lax.dynamic_index_in_dim(cache[n], unit, keepdims=False) for n in ("k", "v")}
+    return cache, layer["k"].transpose(0, 2, 1, 3), layer["v"].transpose(0, 2, 1, 3)
 
 
 def resolve_implementation(config: ModelConfig) -> str:
@@ -60,8 +92,8 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
-        """x [B, T, D]; mask [B, 1, T, S]; cache {"k", "v": [B, S, n_kv_heads, head_dim]} written at cache_index."""
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, cache_unit=None):
+        """x [B, T, D]; mask [B, 1, T, S]; cache {"k", "v"} written at cache_index (see `write_cache`)."""
         cfg = self.config
         hd = cfg.resolved_head_dim
 
@@ -76,9 +108,7 @@ class Attention(nn.Module):
         v = nn.with_logical_constraint(v, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
 
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
-            cache = {"k": k, "v": v}
+            cache, k, v = write_cache(cache, k, v, cache_index, cache_unit)
 
         impl = resolve_implementation(cfg)
         # cuDNN skips the masked-out causal blocks when told the mask is causal; the explicit mask keeps segments

@@ -6,7 +6,9 @@ where `dropped` counts valid token-expert assignments that were not computed.
 
 - `dropless`: every assignment is computed. Assignments are sorted by expert and the three projections
   are grouped matmuls: `jax.lax.ragged_dot` on GPU/TPU (no FLOP wasted on padding), and on CPU, where
-  ragged_dot becomes a dense product over all experts, a tiled batched matmul (`_tiled_experts`). Under a mesh it runs
+  ragged_dot becomes a dense product over all experts, a tiled batched matmul (`_tiled_experts`); on CPU a few
+  assignments (decode) skip the sort and gather each one's expert weights instead (`grouped_matmul_impl` says
+  which, by static shape). Under a mesh it runs
   in `shard_map`: each device sorts and computes its own tokens (the batch axes, `expert` included, act as
   data parallelism) with the expert weights gathered ZeRO-3 style and their intermediate size split over
   `tensor` (partial sums reduced with psum). Sorting the global batch instead would make every device
@@ -69,22 +71,33 @@ def _mesh_axes(mesh, logical: str, size: int) -> tuple[str, ...]:
 
 
 GROUP_TILE = 64  # rows per tile of the tiled grouped matmul: each expert's group is padded to a multiple of it
+GATHER_MAX_PER_EXPERT = 2  # CPU: up to B*T*k <= 2E assignments, gather each one's expert weights
 
 
-def grouped_matmul_impl() -> str:
-    """`ragged_dot` where the backend has a native grouped matmul (GPU, TPU); elsewhere (XLA:CPU lowers ragged_dot
-    to a masked dense product over all experts, E x the FLOPs) the tiled batched matmul."""
-    return "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else "tiled"
+def grouped_matmul_impl(n_assignments: int, n_experts: int) -> str:
+    """How `dropless` runs the experts, by static shape. `ragged_dot` where the backend has a native grouped matmul
+    (GPU, TPU). On CPU (XLA lowers ragged_dot to a masked dense product over all experts, E x the FLOPs):
+    `gather` for at most GATHER_MAX_PER_EXPERT x E assignments (decode: B x k per step), else `tiled`. Both copy
+    expert weights: `gather` one [D, F] set per assignment, `tiled` one per tile, at least E + 1 tiles. In the
+    decode engine on moe_default (CPU time per step, one thread) `gather` took 0.5-0.7 ms against 1.2-1.8 for
+    `tiled` at 2 assignments, 3.2-4.4 against 4.2-4.4 at 2E, and 8.4 against 5.4 at 4E (BENCHMARKS.md, MoE)."""
+    if jax.default_backend() in ("gpu", "tpu"):
+        return "ragged_dot"
+    return "gather" if n_assignments <= GATHER_MAX_PER_EXPERT * n_experts else "tiled"
 
 
 def _dropless_local(x, index, weight, wi_gate, wi_up, wo, act: Activation, out_dtype=None, impl=None):
     b, t, d = x.shape
     k = index.shape[-1]
     n_experts = wi_gate.shape[0]
+    impl = impl or grouped_matmul_impl(b * t * k, n_experts)
+    if impl == "gather":  # few assignments: no sort
+        out = _gathered_experts(x.reshape(b * t, d), index.reshape(b * t, k), wi_gate, wi_up, wo, act)
+        return combine(out.reshape(b, t, k, d), weight, out_dtype or x.dtype)
     flat_expert = index.reshape(-1)  # assignment a = token * k + choice
     order = jnp.argsort(flat_expert, stable=True)
     group_sizes = jnp.bincount(flat_expert, length=n_experts).astype(jnp.int32)
-    if (impl or grouped_matmul_impl()) == "ragged_dot":
+    if impl == "ragged_dot":
         xs = x.reshape(b * t, d)[order // k]  # [b*t*k, d] sorted by expert
         h = act(jax.lax.ragged_dot(xs, wi_gate, group_sizes)) * jax.lax.ragged_dot(xs, wi_up, group_sizes)
         out_sorted = jax.lax.ragged_dot(h, wo, group_sizes)
@@ -95,31 +108,61 @@ def _dropless_local(x, index, weight, wi_gate, wi_up, wo, act: Activation, out_d
     return combine(out.reshape(b, t, k, d), weight, out_dtype or x.dtype)
 
 
+def _gathered_experts(x, index, wi_gate, wi_up, wo, act: Activation):
+    """Few tokens: each assignment's expert weights gathered ([N * k, D, F]) and batched mat-vecs, no sort.
+    x [N, D], index [N, k] -> [N * k, D]. One batch axis: XLA:CPU ran the [N, k]-batched form 10x slower."""
+    xs = jnp.repeat(x, index.shape[-1], axis=0)  # assignment a = token * k + choice
+    expert = index.reshape(-1)
+    h = act(jnp.einsum("ad,adf->af", xs, wi_gate[expert])) * jnp.einsum("ad,adf->af", xs, wi_up[expert])
+    return jnp.einsum("af,afd->ad", h, wo[expert])
+
+
+@jax.custom_vjp
+def _take_rows(src, index, inverse):
+    """Row gather with a gather for a gradient. src [S, D] -> [len(index), D], row i = src[index[i]], where index S
+    reads a zero row. `inverse` [S * fan] names, for each source row, the `fan` output rows that read it (index
+    len(index) = none, for padding). The autodiff transpose of a gather is a scatter-add, serial on XLA:CPU."""
+    return jnp.concatenate([src, jnp.zeros((1,) + src.shape[1:], src.dtype)])[index]
+
+
+def _take_rows_fwd(src, index, inverse):
+    return _take_rows(src, index, inverse), (index, inverse, src.shape[0])
+
+
+def _take_rows_bwd(residual, cotangent):
+    index, inverse, n_src = residual
+    picked = _take_rows(cotangent, inverse, index)
+    return picked.reshape(n_src, -1, *cotangent.shape[1:]).sum(1), None, None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
 def _tiled_experts(x, order, flat_expert, group_sizes, k, wi_gate, wi_up, wo, act: Activation):
     """Grouped SwiGLU as one batched matmul over row tiles. Assignments sorted by expert are laid out so that each
     expert's group starts on a tile boundary (its last tile zero-padded); each tile then multiplies by its expert's
-    weights, selected per tile. Rows computed <= assignments + E x (GROUP_TILE - 1): no assignment is dropped and
-    at most one partial tile per expert is wasted. x [N, D] tokens -> [N * k, D] per assignment (unsorted)."""
+    weights, gathered per tile (their gradient: a scatter-add of whole [D, F] windows, one per tile). Rows
+    computed <= assignments + E x (GROUP_TILE - 1): no assignment is dropped and at most one partial tile per
+    expert is wasted. Rows move by `_take_rows` both ways. x [N, D] tokens -> [N * k, D] per assignment."""
     n_assign, n_experts, d = flat_expert.shape[0], wi_gate.shape[0], x.shape[-1]
     tile = min(GROUP_TILE, n_assign)
     n_tiles = -(-n_assign // tile) + n_experts  # static bound: each group adds at most one partial tile
     padded = -(-group_sizes // tile) * tile
-    padded_start = jnp.cumsum(padded) - padded
-    rank = jnp.arange(n_assign, dtype=jnp.int32) - (jnp.cumsum(group_sizes) - group_sizes)[flat_expert[order]]
-    row = padded_start[flat_expert[order]] + rank  # padded row of the j-th sorted assignment
-    row_of_assignment = jnp.zeros((n_assign,), jnp.int32).at[order].set(row.astype(jnp.int32))
-    # which token fills each padded row (N = the appended zero row for padding)
-    row_token = jnp.full((n_tiles * tile,), x.shape[0], jnp.int32).at[row].set((order // k).astype(jnp.int32))
-    tiles = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_token].reshape(n_tiles, tile, d)
-    tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_tiles) * tile, side="right"),
+    padded_end = jnp.cumsum(padded)
+    sorted_expert = flat_expert[order]
+    rank = jnp.arange(n_assign, dtype=jnp.int32) - (jnp.cumsum(group_sizes) - group_sizes)[sorted_expert]
+    row = (padded_end - padded)[sorted_expert] + rank  # padded row of the j-th sorted assignment
+    order, row = order.astype(jnp.int32), row.astype(jnp.int32)
+    row_of_assignment = jnp.zeros((n_assign,), jnp.int32).at[order].set(row)
+    assignment_of_row = jnp.full((n_tiles * tile,), n_assign, jnp.int32).at[row].set(order)  # n_assign = padding
+    row_token = jnp.where(assignment_of_row < n_assign, assignment_of_row // k, x.shape[0])  # N = the zero row
+    tiles = _take_rows(x, row_token, row_of_assignment).reshape(n_tiles, tile, d)
+    tile_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(n_tiles) * tile, side="right"),
                               n_experts - 1)  # tiles past the last group are all padding
-    # per-tile weights by a one-hot matmul: its gradient is a matmul too, where a gather's is a serial scatter-add
-    select = jax.nn.one_hot(tile_expert, n_experts, dtype=wi_gate.dtype)
-    per_tile = lambda w: jnp.einsum("ne,e...->n...", select, w)
-    h = act(jnp.einsum("ntd,ndf->ntf", tiles, per_tile(wi_gate))) * jnp.einsum("ntd,ndf->ntf", tiles,
-                                                                                  per_tile(wi_up))
-    out_rows = jnp.einsum("ntf,nfd->ntd", h, per_tile(wo)).reshape(n_tiles * tile, d)
-    return out_rows[row_of_assignment]
+    h = act(jnp.einsum("ntd,ndf->ntf", tiles, wi_gate[tile_expert])) * jnp.einsum("ntd,ndf->ntf", tiles,
+                                                                                  wi_up[tile_expert])
+    out_rows = jnp.einsum("ntf,nfd->ntd", h, wo[tile_expert]).reshape(n_tiles * tile, d)
+    return _take_rows(out_rows, row_of_assignment, assignment_of_row)
 
 
 def capacity_slots(n_tokens: int, k: int, n_experts: int, capacity_factor: float) -> int:
