@@ -34,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--early_exit_threshold", type=float, default=None,
                         help="CALM early exit: a token leaves after the first layer whose confidence reaches this "
                              "(in (0, 1]; default: off)")
-    parser.add_argument("--early_exit_measure", default="max_prob", help="max_prob or margin (top-1 minus top-2)")
+    parser.add_argument("--early_exit_measure", default="max_prob",
+                        help="max_prob, margin (top-1 minus top-2 probability) or saturation (cosine of a layer's "
+                             "input and output: no head matmul per check)")
+    parser.add_argument("--early_exit_layers", default="",
+                        help="comma-separated layers (0-based) after which a token may exit (default: every layer "
+                             "before the last)")
     parser.add_argument("--speculative_draft_layers", type=int, default=0,
                         help="self-speculative decoding: draft with this many layers (default 0: off)")
     parser.add_argument("--speculative_k", type=int, default=4, help="draft tokens per verification")
@@ -108,13 +113,14 @@ def generate_text(args, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> l
 def adaptive_engine(args, engine):
     """The early-exit or self-speculative decoder the flags ask for, or None for plain decoding."""
     from ultrathink_jax.generate import GenerationError
-    from ultrathink_jax.generate.early_exit import EarlyExitConfig, EarlyExitEngine
+    from ultrathink_jax.generate.early_exit import EarlyExitConfig, EarlyExitEngine, parse_layers
     from ultrathink_jax.generate.speculative import SpeculativeConfig, SpeculativeEngine
 
     if args.early_exit_threshold is not None and args.speculative_draft_layers:
         raise GenerationError("--early_exit_threshold and --speculative_draft_layers are alternatives; pass one")
     if args.early_exit_threshold is not None:
-        return EarlyExitEngine(engine, EarlyExitConfig(args.early_exit_threshold, args.early_exit_measure))
+        return EarlyExitEngine(engine, EarlyExitConfig(args.early_exit_threshold, args.early_exit_measure,
+                                                       parse_layers(args.early_exit_layers)))
     if args.speculative_draft_layers:  # a bad value is reported by SpeculativeConfig.check
         return SpeculativeEngine(engine, SpeculativeConfig(args.speculative_draft_layers, args.speculative_k))
     return None
@@ -125,7 +131,8 @@ def describe_stats(stats) -> str:
         return (f"; speculative: acceptance rate {stats.acceptance_rate:.1%}, "
                 f"{stats.tokens_per_round:.2f} tokens per verification")
     return (f"; early exit: mean exit depth {stats.mean_depth:.2f} of {stats.n_layers} layers, "
-            f"{stats.layer_flops_saved:.1%} of layer FLOPs saved")
+            f"{stats.layer_flops_saved:.1%} of layer FLOPs saved, {stats.net_flops_saved:.1%} net of the "
+            f"confidence checks")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

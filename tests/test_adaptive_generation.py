@@ -10,7 +10,9 @@ import pytest
 from model_fixtures import init, jitted_apply, row_inputs, tiny_config
 from ultrathink_jax.generate import Engine, GenerationError, SamplingConfig
 from ultrathink_jax.generate import layerwise
-from ultrathink_jax.generate.early_exit import EarlyExitConfig, EarlyExitEngine, evaluate, flops_saved
+from ultrathink_jax import metrics
+from ultrathink_jax.generate.early_exit import (EarlyExitConfig, EarlyExitEngine, check_flops, evaluate, flops_saved,
+                                                parse_layers)
 from ultrathink_jax.generate.speculative import SpeculativeConfig, SpeculativeEngine
 from ultrathink_jax.model import init_cache, Transformer
 
@@ -124,6 +126,52 @@ def test_early_exit_with_a_low_threshold_exits_after_the_first_layer(dense, meas
     assert all(len(t) == 12 for t in got)
 
 
+def truncated(engine, n_layers):
+    """The engine's model cut after its first `n_layers` layers (same embedding, final norm and head)."""
+    config = dataclasses.replace(engine.config, n_layers=n_layers)
+    params = {**engine.params, "layers": jax.tree.map(lambda a: a[:n_layers], engine.params["layers"])}
+    return Engine(params, config)
+
+
+@pytest.mark.parametrize("measure", ["max_prob", "saturation"])
+def test_exiting_at_a_chosen_layer_decodes_like_the_model_cut_there(dense, measure):
+    # Only layer 1 is a candidate and every token passes: after the (full-depth) prefill's first token the output is
+    # the 2-layer model's greedy continuation (layer 2 only receives copied k/v, which the head never reads),
+    # whichever measure decided; teacher-forced, the perplexity is the 2-layer model's.
+    ps = prompts(3, seed=1)
+    ee = EarlyExitConfig(1e-9, measure, layers=(1,))
+    got, stats = EarlyExitEngine(dense, ee).generate(ps, 10)
+    cut = truncated(dense, 2)
+    assert [g[1:] for g in got] == cut.generate([p + g[:1] for p, g in zip(ps, got)], 9)
+    assert stats.mean_depth == 2.0
+    one_check = check_flops(DENSE, measure) / (metrics.matmul_params_per_token(DENSE) - DENSE.d_model * 64)
+    assert stats.check_cost == pytest.approx(one_check)
+    assert stats.net_flops_saved == pytest.approx(stats.layer_flops_saved - stats.check_cost)
+    tokens = np.random.default_rng(0).integers(1, 64, (2, 16))
+    exit_ppl = evaluate(dense.params, DENSE, tokens, ee).perplexity
+    assert exit_ppl == pytest.approx(evaluate(cut.params, cut.config, tokens, EarlyExitConfig(1.0)).full_perplexity,
+                                     rel=1e-5)
+
+
+def test_check_cost_counts_one_check_per_candidate_layer_a_token_ran():
+    full = metrics.matmul_params_per_token(DENSE) - DENSE.d_model * DENSE.vocab_size  # the 3 layers' matmuls
+    for measure, one in (("max_prob", DENSE.d_model * DENSE.vocab_size), ("saturation", 3 * DENSE.d_model)):
+        for layers, depths, checks in (((), [3, 1, 2], (2 + 1 + 2) / 3), ((1,), [3, 2], 1), ((1,), [1], 0)):
+            _, cost = flops_saved(DENSE, np.asarray(depths), EarlyExitConfig(0.5, measure, layers))
+            assert cost == pytest.approx(checks * one / full), (measure, layers, depths)
+    assert check_flops(DENSE, "saturation") < check_flops(DENSE, "max_prob") / 10
+
+
+def test_saturation_exits_where_the_hidden_state_stops_turning(dense):
+    # A layer's output is x + (attention + MLP); at random init the update is about a third of |x|, so the cosine of
+    # input and output is 0.89-0.97: 0.5 lets every token out at the first candidate, 1.0 none.
+    ps = prompts(2, seed=2)
+    _, low = EarlyExitEngine(dense, EarlyExitConfig(0.5, "saturation")).generate(ps, 8)
+    assert low.mean_depth == 1.0
+    got, high = EarlyExitEngine(dense, EarlyExitConfig(1.0, "saturation", layers=(0,))).generate(ps, 8)
+    assert high.mean_depth == DENSE.n_layers and got == dense.generate(ps, 8)
+
+
 def test_held_out_evaluation_compares_exit_and_full_perplexity(dense):
     tokens = np.random.default_rng(0).integers(1, 64, (2, 16))
     same = evaluate(dense.params, DENSE, tokens, EarlyExitConfig(1.0))
@@ -135,9 +183,15 @@ def test_held_out_evaluation_compares_exit_and_full_perplexity(dense):
 def test_early_exit_rejects_bad_settings(dense):
     for ee, msg in [(EarlyExitConfig(0.0), "early_exit_threshold=0.0"),
                     (EarlyExitConfig(0.5, "entropy"), "early_exit_measure='entropy'"),
-                    (EarlyExitConfig(0.5, min_layer=2), "early_exit_min_layer=2")]:
+                    (EarlyExitConfig(0.5, layers=(2,)), r"early_exit_layers=2 must be increasing layer indices in \[0, "
+                                                         r"n_layers - 1 = 2\)"),
+                    (EarlyExitConfig(0.5, layers=(1, 0)), "early_exit_layers=1,0 must be increasing"),
+                    (EarlyExitConfig(0.5, layers=(1, 1)), "early_exit_layers=1,1 must be increasing")]:
         with pytest.raises(GenerationError, match=msg):
             EarlyExitEngine(dense, ee)
+    assert parse_layers("0, 1,") == (0, 1) and parse_layers("") == ()
+    with pytest.raises(GenerationError, match="early_exit_layers='1,x' must be comma-separated"):
+        parse_layers("1,x")
 
 
 def test_speculative_and_early_exit_on_8_devices_match_one_device(dense):

@@ -70,16 +70,21 @@ class Block(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, valid, cache=None, cache_index=None, cache_unit=None):
+    def __call__(self, x, cos, sin, mask, valid, cache=None, cache_index=None, cache_unit=None, keep=None):
+        """keep: None, or bool [B]: False drops both residual branches for that row (layer dropout)."""
         cfg = self.config
         h, cache = Attention(cfg, name="self_attn")(RMSNorm(cfg.norm_eps, cfg.dtype, name="input_layernorm")(x),
                                                     cos, sin, mask, cache, cache_index, cache_unit)
-        x = x + h
+        # Dropout scales the branches (0 or 1) rather than selecting the block's output: a select keeps both x
+        # and y alive for the backward pass (XLA's cost model: +20% bytes per LayerSkip step, +1.5% this way).
+        scale = None if keep is None else keep.astype(x.dtype)[:, None, None]
+        x = x + (h if scale is None else h * scale)
         h = RMSNorm(cfg.norm_eps, cfg.dtype, name="post_attention_layernorm")(x)
         if self.moe:
             h, aux = MoEMLP(cfg, name="moe")(h, valid, self.deterministic)
         else:
             h, aux = MLP(cfg, cfg.d_ff, name="mlp")(h), {}
+        h = h if scale is None else h * scale
         return nn.with_logical_constraint(x + h, RESIDUAL_AXES), cache, aux
 
 
@@ -100,8 +105,9 @@ class Unit(nn.Module):
         new_caches, aux, hidden = [], {}, []
         for b, moe in enumerate(self.kinds):
             y, cache, block_aux = Block(self.config, moe, self.deterministic, name=f"block_{b}")(
-                x, cos, sin, mask, valid, None if caches is None else caches[b], cache_index, unit)
-            x = y if keep is None else jnp.where(keep[b][:, None, None], y, x)
+                x, cos, sin, mask, valid, None if caches is None else caches[b], cache_index, unit,
+                None if keep is None else keep[b])
+            x = y
             new_caches.append(cache)
             hidden.append(x)
             aux = aux or block_aux  # at most one MoE block per unit

@@ -1,12 +1,17 @@
 """FAST path: per-token early exit at decode time (CALM, Schuster et al. 2022).
 
-After each candidate layer l (every layer before the last from `min_layer` on) the hidden state goes through the
-final norm and head; a row whose confidence passes `threshold` stops there and its token comes from those
-logits. Confidence is the softmax's top probability (`max_prob`) or the gap between the top two (`margin`). The
-later layers' KV entries of an exited token are filled from its exit state (CALM's state copying: each later
+After each candidate layer l (`layers`; default every layer before the last) a row whose confidence passes
+`threshold` stops there. Confidence measures:
+  max_prob    the softmax's top probability of the exit state through the final norm and head;
+  margin      the gap between the top two of that softmax;
+  saturation  CALM's hidden-state saturation: the cosine similarity of layer l's output and input (the state
+              stopped changing). O(d_model) per check, where the two softmax measures pay a d_model x vocab head
+              matmul at every candidate layer; the head then runs once, on the exit state.
+The later layers' KV entries of an exited token are filled from its exit state (CALM's state copying: each later
 layer's k/v projections of the copied hidden state), so later tokens attend to a complete cache. Once every row of
 the batch has exited the remaining layers are skipped with `lax.cond` (the FLOPs really are saved); a row that
-exits while others continue keeps its exit state (later blocks run on it only to fill their cache).
+exits while others continue keeps its exit state (later blocks run on it only to fill their cache), so in a batch
+the FLOPs counted as saved per token are only really saved at batch 1 or when the rows exit together.
 
 `threshold` is calibrated on held-out text by `calibrate`: teacher-forced decoding through the same step, so the
 perplexity it measures includes the effect of copied KV states.
@@ -29,23 +34,37 @@ from ultrathink_jax.generate.engine import Engine, Run, choose_token
 from ultrathink_jax.generate.sampling import GenerationError, SamplingConfig
 from ultrathink_jax.model import Transformer, init_cache
 
-MEASURES = ("max_prob", "margin")
+MEASURES = ("max_prob", "margin", "saturation")
+HEAD_MEASURES = ("max_prob", "margin")  # read the softmax of the exit state's logits
 
 
 @dataclasses.dataclass(frozen=True)
 class EarlyExitConfig:
     threshold: float  # exit when confidence >= threshold; in (0, 1]
     measure: str = "max_prob"
-    min_layer: int = 0  # first layer (0-based) after which a token may exit
+    layers: tuple[int, ...] = ()  # candidate exit layers (0-based, increasing, before the last); () = all of them
 
     def check(self, config: ModelConfig) -> None:
         if not 0 < self.threshold <= 1:
             raise GenerationError(f"early_exit_threshold={self.threshold} must be in (0, 1]")
         if self.measure not in MEASURES:
             raise GenerationError(f"early_exit_measure={self.measure!r} must be one of {MEASURES}")
-        if not 0 <= self.min_layer < config.n_layers - 1:
-            raise GenerationError(f"early_exit_min_layer={self.min_layer} must be in [0, n_layers - 1 = "
-                                  f"{config.n_layers - 1})")
+        layers = list(self.layers)
+        in_range = all(isinstance(l, (int, np.integer)) and 0 <= l < config.n_layers - 1 for l in layers)
+        if not in_range or layers != sorted(set(layers)):
+            raise GenerationError(f"early_exit_layers={','.join(map(str, layers))} must be increasing layer indices "
+                                  f"in [0, n_layers - 1 = {config.n_layers - 1})")
+
+    def candidates(self, config: ModelConfig) -> tuple[int, ...]:
+        return self.layers or tuple(range(config.n_layers - 1))
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """"2,5,8" -> (2, 5, 8) (the range is checked by EarlyExitConfig.check, which knows the model)."""
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise GenerationError(f"early_exit_layers={text!r} must be comma-separated layer indices") from None
 
 
 def confidence(logits, measure: str):
@@ -54,6 +73,12 @@ def confidence(logits, measure: str):
         return probs.max(-1)
     top2 = jax.lax.top_k(probs, 2)[0]
     return top2[..., 0] - top2[..., 1]
+
+
+def saturation(before, after):
+    """Cosine similarity of a layer's input and output [B, 1, D] -> [B] (CALM's hidden-state saturation)."""
+    a, b = before[:, -1].astype(jnp.float32), after[:, -1].astype(jnp.float32)
+    return jnp.sum(a * b, -1) * jax.lax.rsqrt(jnp.sum(a * a, -1) * jnp.sum(b * b, -1) + 1e-12)
 
 
 def forward(params, layers, config: ModelConfig, ee: EarlyExitConfig, threshold, tokens, positions, segment_ids,
@@ -65,6 +90,8 @@ def forward(params, layers, config: ModelConfig, ee: EarlyExitConfig, threshold,
     depth 0."""
     slots = layerwise.layer_slots(config)
     L = len(slots)
+    candidates = set(ee.candidates(config))
+    by_head = ee.measure in HEAD_MEASURES
     ctx, cache = layerwise.context(config, positions, segment_ids, cache)
     x = layerwise.embed(params, config, tokens)
     depth = jnp.zeros(tokens.shape[0], jnp.int32)
@@ -75,19 +102,29 @@ def forward(params, layers, config: ModelConfig, ee: EarlyExitConfig, threshold,
             cache = layerwise.fill_kv(config, slots[j], layers[j], x, ctx, cache)
         return cache
 
+    def final_logits(x, exited, exit_logits):
+        """Head measures kept the exit logits they computed; otherwise x holds each row's exit state."""
+        logits = layerwise.head(params, config, x)[:, -1]
+        return jnp.where(exited[:, None], exit_logits, logits) if by_head else logits
+
     def from_layer(i, x, cache, exited, exit_logits, depth):
         y, cache = layerwise.run_layer(config, slots[i], layers[i], x, ctx, cache)
         depth = depth + ~exited
-        x = jnp.where(exited[:, None, None], x, y)
+        before, x = x, jnp.where(exited[:, None, None], x, y)
         if i == L - 1:
-            return jnp.where(exited[:, None], exit_logits, layerwise.head(params, config, x)[:, -1]), depth, cache
-        if i >= ee.min_layer:
-            logits = layerwise.head(params, config, x)[:, -1]
-            now = ~exited & (confidence(logits, ee.measure) >= threshold)
-            exit_logits = jnp.where(now[:, None], logits, exit_logits)
+            return final_logits(x, exited, exit_logits), depth, cache
+        if i in candidates:
+            if by_head:
+                logits = layerwise.head(params, config, x)[:, -1]
+                now = ~exited & (confidence(logits, ee.measure) >= threshold)
+                exit_logits = jnp.where(now[:, None], logits, exit_logits)
+                done = lambda: exit_logits  # noqa: E731
+            else:
+                now = ~exited & (saturation(before, x) >= threshold)
+                done = lambda: layerwise.head(params, config, x)[:, -1]  # noqa: E731
             exited = exited | now
             return jax.lax.cond(jnp.all(exited),
-                                lambda: (exit_logits, depth, fill_rest(i + 1, x, cache)),
+                                lambda: (done(), depth, fill_rest(i + 1, x, cache)),
                                 lambda: from_layer(i + 1, x, cache, exited, exit_logits, depth))
         return from_layer(i + 1, x, cache, exited, exit_logits, depth)
 
@@ -107,14 +144,14 @@ def _decode_program(config: ModelConfig, sampling: SamplingConfig, ee: EarlyExit
         live = ~state["done"]
         logits, depth, cache = forward(params, layers, config, ee, threshold, state["token"][:, None],
                                        state["position"][:, None], segment_ids, state["cache"], state["done"])
+        counts = jnp.sum(jax.nn.one_hot(depth, config.n_layers + 1, dtype=jnp.int32) * live[:, None], 0)
         state = {**state, "cache": cache, "position": state["position"] + 1,
-                 "depth_sum": state["depth_sum"] + jnp.sum(jnp.where(live, depth, 0)),
-                 "depth_tokens": state["depth_tokens"] + jnp.sum(live)}
+                 "depth_counts": state["depth_counts"] + counts}
         return choose_token(state, logits, state["step"], sampling)
 
     def decode(params, layers, threshold, state):
         n_new = state["out"].shape[1]
-        state = {**state, "depth_sum": jnp.zeros((), jnp.int32), "depth_tokens": jnp.zeros((), jnp.int32),
+        state = {**state, "depth_counts": jnp.zeros((config.n_layers + 1,), jnp.int32),  # tokens per depth
                  "cache": layerwise.split_cache(config, state["cache"])}
         state = jax.lax.while_loop(lambda s: (s["step"] < n_new) & ~jnp.all(s["done"]),
                                    lambda s: step(params, layers, threshold, s), state)
@@ -128,21 +165,34 @@ class EarlyExitStats:
     mean_depth: float  # layers run in full per decoded token (the prefill and the first token run all layers)
     n_layers: int
     layer_flops_saved: float  # fraction of the decoded tokens' layer matmul FLOPs not spent (KV filling counted)
-    head_overhead: float  # the confidence checks' head FLOPs, as a fraction of the full model's layer FLOPs
+    check_cost: float  # the confidence checks' FLOPs, as a fraction of the full model's layer matmul FLOPs
+
+    @property
+    def net_flops_saved(self) -> float:
+        return self.layer_flops_saved - self.check_cost
+
+
+def check_flops(config: ModelConfig, measure: str) -> int:
+    """Multiply-adds of one confidence check per token: a head measure's extra final-norm input to logits matmul
+    (d_model x vocab; its norm and softmax are not counted, as the layers' norms and attention scores are not);
+    saturation's three d_model dot products (x.y, x.x, y.y)."""
+    return config.d_model * config.vocab_size if measure in HEAD_MEASURES else 3 * config.d_model
 
 
 def flops_saved(config: ModelConfig, depths: np.ndarray, ee: EarlyExitConfig) -> tuple[float, float]:
-    """(layer FLOPs saved, head-check overhead) for tokens that ran `depths` layers in full, from the model's
-    one FLOPs count (metrics.matmul_params_per_token): a skipped layer still pays its k/v projections."""
+    """(layer FLOPs saved, confidence-check cost) for tokens that ran `depths` layers in full, both fractions of
+    the full model's layer matmul multiply-adds per token (metrics.matmul_params_per_token less the head): a
+    skipped layer still pays its k/v projections; a token pays one check at every candidate layer it ran. The
+    net saving is the difference. The exit's own logits are not extra: the full model computes one head too."""
     d, hd = config.d_model, config.resolved_head_dim
     head = d * config.vocab_size
     layer = (metrics.matmul_params_per_token(config) - head) / config.n_layers  # mean per layer
     kv = 2 * d * config.n_kv_heads * hd
     depths = np.asarray(depths, np.float64)
     spent = depths * layer + (config.n_layers - depths) * kv
-    checks = np.clip(np.minimum(depths, config.n_layers - 1) - ee.min_layer, 0, None)  # heads before the last
+    checks = np.searchsorted(np.asarray(ee.candidates(config)), depths, side="left")  # candidates below depth
     full = config.n_layers * layer
-    return float(1 - spent.mean() / full), float(checks.mean() * head / full)
+    return float(1 - spent.mean() / full), float(checks.mean() * check_flops(config, ee.measure) / full)
 
 
 class EarlyExitEngine:
@@ -159,9 +209,11 @@ class EarlyExitEngine:
         decode = _decode_program(eng.config, run.sampling, _program_key(self.ee), eng.mesh)
         with sharding.activate(eng.mesh):
             state = decode(eng.params, self.layers, jnp.float32(self.ee.threshold), run.state)
-        mean = int(state["depth_sum"]) / max(int(state["depth_tokens"]), 1)
-        saved, overhead = flops_saved(eng.config, np.asarray([mean]), self.ee)
-        return Run(state, run.n_rows, run.sampling), EarlyExitStats(mean, eng.config.n_layers, saved, overhead)
+        counts = np.asarray(state["depth_counts"])
+        depths = np.repeat(np.arange(counts.size), counts) if counts.sum() else np.asarray([eng.config.n_layers])
+        saved, cost = flops_saved(eng.config, depths, self.ee)
+        return (Run(state, run.n_rows, run.sampling),
+                EarlyExitStats(float(depths.mean()), eng.config.n_layers, saved, cost))
 
     def generate(self, prompts, max_new_tokens, sampling: SamplingConfig = SamplingConfig(), eos_id=None, seed=0):
         run, stats = self.decode(self.engine.prefill(prompts, max_new_tokens, sampling, eos_id, seed))
@@ -210,8 +262,12 @@ class HeldOutResult:
     full_perplexity: float
     mean_depth: float
     layer_flops_saved: float
-    head_overhead: float
+    check_cost: float
     greedy_agreement: float  # fraction of positions whose exit argmax equals the full model's
+
+    @property
+    def net_flops_saved(self) -> float:
+        return self.layer_flops_saved - self.check_cost
 
     @property
     def perplexity_increase(self) -> float:
@@ -226,18 +282,18 @@ def evaluate(params, config: ModelConfig, tokens: np.ndarray, ee: EarlyExitConfi
     forced = _forced_program(config, _program_key(ee))
     nll, depth, argmax = jax.device_get(forced(params, layers, jnp.float32(ee.threshold), tokens))
     full_nll, full_argmax = jax.device_get(_full_program(config)(params, tokens))
-    saved, overhead = flops_saved(config, depth.reshape(-1), ee)
+    saved, cost = flops_saved(config, depth.reshape(-1), ee)
     return HeldOutResult(ee.threshold, math.exp(float(nll.mean())), math.exp(float(full_nll.mean())),
-                         float(depth.mean()), saved, overhead, float((argmax == full_argmax).mean()))
+                         float(depth.mean()), saved, cost, float((argmax == full_argmax).mean()))
 
 
 def calibrate(params, config: ModelConfig, tokens: np.ndarray, max_perplexity_increase: float = 0.02,
-              measure: str = "max_prob", min_layer: int = 0,
+              measure: str = "max_prob", layers: tuple[int, ...] = (),
               thresholds=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)) -> tuple[float | None, list[HeldOutResult]]:
     """The lowest threshold (most exits) whose held-out perplexity rises by at most `max_perplexity_increase`,
     or None if none does; plus every threshold's result."""
-    layers = layerwise.unstack_layers(params, config)
-    results = [evaluate(params, config, tokens, EarlyExitConfig(t, measure, min_layer), layers)
+    per_layer = layerwise.unstack_layers(params, config)
+    results = [evaluate(params, config, tokens, EarlyExitConfig(t, measure, layers), per_layer)
                for t in sorted(thresholds)]
     ok = [r.threshold for r in results if r.perplexity_increase <= max_perplexity_increase]
     return (min(ok) if ok else None), results
