@@ -93,19 +93,23 @@ def _dropless_local(x, index, weight, wi_gate, wi_up, wo, act: Activation, out_d
     impl = impl or grouped_matmul_impl(b * t * k, n_experts)
     if impl == "gather":  # few assignments: no sort
         out = _gathered_experts(x.reshape(b * t, d), index.reshape(b * t, k), wi_gate, wi_up, wo, act)
-        return combine(out.reshape(b, t, k, d), weight, out_dtype or x.dtype)
-    flat_expert = index.reshape(-1)  # assignment a = token * k + choice
-    order = jnp.argsort(flat_expert, stable=True)
-    group_sizes = jnp.bincount(flat_expert, length=n_experts).astype(jnp.int32)
-    if impl == "ragged_dot":
-        xs = x.reshape(b * t, d)[order // k]  # [b*t*k, d] sorted by expert
-        h = act(jax.lax.ragged_dot(xs, wi_gate, group_sizes)) * jax.lax.ragged_dot(xs, wi_up, group_sizes)
-        out_sorted = jax.lax.ragged_dot(h, wo, group_sizes)
-        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-        out = out_sorted[inverse]  # gather back (cheaper to differentiate than scatter-add)
     else:
-        out = _tiled_experts(x.reshape(b * t, d), order, flat_expert, group_sizes, k, wi_gate, wi_up, wo, act)
+        out = _sorted_experts(x.reshape(b * t, d), index.reshape(-1), k, wi_gate, wi_up, wo, act, impl)
     return combine(out.reshape(b, t, k, d), weight, out_dtype or x.dtype)
+
+
+def _sorted_experts(x, flat_expert, k, wi_gate, wi_up, wo, act: Activation, impl: str):
+    """Assignments sorted by expert, then grouped matmuls (`ragged_dot` or `tiled`). x [N, D], flat_expert [N * k]
+    (assignment a = token * k + choice) -> [N * k, D] per assignment."""
+    order = jnp.argsort(flat_expert, stable=True)
+    group_sizes = jnp.bincount(flat_expert, length=wi_gate.shape[0]).astype(jnp.int32)
+    if impl == "tiled":
+        return _tiled_experts(x, order, flat_expert, group_sizes, k, wi_gate, wi_up, wo, act)
+    xs = x[order // k]  # [N * k, D] sorted by expert
+    h = act(jax.lax.ragged_dot(xs, wi_gate, group_sizes)) * jax.lax.ragged_dot(xs, wi_up, group_sizes)
+    out_sorted = jax.lax.ragged_dot(h, wo, group_sizes)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    return out_sorted[inverse]  # gather back (cheaper to differentiate than scatter-add)
 
 
 def _gathered_experts(x, index, wi_gate, wi_up, wo, act: Activation):
