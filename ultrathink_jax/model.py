@@ -24,7 +24,7 @@ from flax import linen as nn
 
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.layers.attention import Attention, attention_mask, mask_bias, resolve_implementation
-from ultrathink_jax.layers.embedding import TokenEmbedding
+from ultrathink_jax.layers.embedding import TokenEmbedding, gathered_table
 from ultrathink_jax.layers.init import weight_init
 from ultrathink_jax.layers.linear import Linear
 from ultrathink_jax.layers.mlp import MLP
@@ -133,7 +133,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions, segment_ids, cache=None, deterministic: bool = True,
-                 layer_keep=None, exits=None):
+                 layer_keep=None, exits=None, return_hidden: bool = False):
         """tokens/positions/segment_ids: int32 [B, T] (segment 0 = padding).
 
         Returns (logits float32 [B, T, V], aux, new_cache). aux["moe"] holds the MoE layers' router statistics
@@ -141,6 +141,8 @@ class Transformer(nn.Module):
         LayerSkip (`train/layerskip.py`): `layer_keep` {stage name: bool [n_units, n_blocks, B]} skips blocks
         per row; `exits` int32 [E] (layer indices) adds aux["exit_logits"] [E, B, T, V], the final norm and head
         applied to those layers' outputs. Both None (the default) leave the computation unchanged.
+        return_hidden: return the final-normed activations [B, T, D] in place of the logits, for a loss that
+        applies the head itself (`head_kernel`, `losses.head_cross_entropy`).
         """
         cfg = self.config
         embed = TokenEmbedding(cfg, name="embed_tokens")
@@ -176,7 +178,7 @@ class Transformer(nn.Module):
             out = embed.attend(h) if lm_head is None else lm_head(h)
             return nn.with_logical_constraint(out.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 
-        logits = head(x)
+        logits = final_norm(x) if return_hidden else head(x)
         aux = {"moe": jax.tree.map(lambda *a: jnp.concatenate(a), *moe_aux)} if moe_aux else {}
         if exits is not None:
             picked = jnp.concatenate(hidden)[exits]
@@ -186,6 +188,14 @@ class Transformer(nn.Module):
             new_cache = {"index": cache["index"] + tokens.shape[1], "segment_ids": kv_segment_ids,
                          "stages": stage_caches}
         return logits, aux, new_cache
+
+
+def head_kernel(params, config: ModelConfig):
+    """(the output head's float32 weight, vocab_major): the tied embedding table [V, D] (True) or lm_head's
+    kernel [D, V] (False), constrained as `Transformer`'s head multiplies it."""
+    if config.tie_embeddings:
+        return gathered_table(params["embed_tokens"]["embedding"]), True
+    return params["lm_head"]["kernel"], False
 
 
 def attention_context(cfg: ModelConfig, positions, segment_ids, cache):

@@ -5,6 +5,11 @@ from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.layers.init import embedding_init
 
 
+def gathered_table(table):
+    """The [vocab, embed] table with its embed axis gathered (see TokenEmbedding)."""
+    return nn.with_logical_constraint(table, ("vocab", None))
+
+
 class TokenEmbedding(nn.Module):
     """Token lookup and, for tied models, the output projection, sharing one [vocab, embed] table.
 
@@ -20,7 +25,7 @@ class TokenEmbedding(nn.Module):
                                     (cfg.vocab_size, cfg.d_model), jnp.float32)
 
     def _table(self):
-        return nn.with_logical_constraint(self.embedding, ("vocab", None)).astype(self.config.dtype)
+        return gathered_table(self.embedding).astype(self.config.dtype)
 
     def __call__(self, tokens):
         return jnp.take(self._table(), tokens, axis=0)

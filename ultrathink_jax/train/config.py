@@ -19,6 +19,9 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
         "seed": 0,  # parameter init and router-jitter RNG (the data order has its own data.seed)
         "grad_accum": 1,  # micro-batches per step: data.global_batch_size rows are split into this many
         "z_loss_weight": 0.0,  # PaLM z-loss on the output logits (0 = off)
+        # The training loss applies the head chunk by chunk of the sequence (losses.head_cross_entropy), each chunk's
+        # float32 logits at most this many MiB; 0 = auto: 4 on CPU (a chunk that stays in cache), else no chunking
+        "logits_chunk_mib": 0.0,
         "max_bad_steps": 5,  # stop after this many consecutive steps skipped for a non-finite loss or gradient
         "sample_tokens": 64,  # tokens generated at the end of training (0 = no sample)
         "sample_prompt": "def ",
@@ -77,6 +80,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("train.steps", t.steps, t.steps > 0, "must be positive"),
         ("train.grad_accum", t.grad_accum, t.grad_accum > 0, "must be positive"),
         ("train.z_loss_weight", t.z_loss_weight, t.z_loss_weight >= 0, "must be >= 0"),
+        ("train.logits_chunk_mib", t.logits_chunk_mib, t.logits_chunk_mib >= 0, "must be >= 0 (0 = auto)"),
         ("train.max_bad_steps", t.max_bad_steps, t.max_bad_steps > 0, "must be positive"),
         ("train.sample_tokens", t.sample_tokens, t.sample_tokens >= 0, "must be >= 0"),
         ("train.sample_temperature", t.sample_temperature, t.sample_temperature >= 0, "must be >= 0"),

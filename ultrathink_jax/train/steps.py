@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ultrathink_jax import losses, sharding
 from ultrathink_jax.config import ModelConfig
-from ultrathink_jax.model import Transformer
+from ultrathink_jax.model import Transformer, head_kernel
 from ultrathink_jax.moe import moe_loss, update_selection_bias
 from ultrathink_jax.train import layerskip as layerskip_lib
 from ultrathink_jax.train.state import TrainState, step_rng
@@ -28,20 +28,34 @@ from ultrathink_jax.train.state import TrainState, step_rng
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 
 
-def micro_batch_loss(config: ModelConfig, z_loss_weight: float, params, batch, rng, layerskip=None, step=None):
+CPU_LOGITS_CHUNK_MIB = 4.0  # `train.logits_chunk_mib` = 0 on CPU: the default head+loss 1.3x faster (BENCHMARKS.md)
+
+
+def logits_chunk_bytes(logits_chunk_mib: float) -> float:
+    """`train.logits_chunk_mib` in bytes, 0 = auto: cache-sized chunks on CPU, the whole logits elsewhere."""
+    if logits_chunk_mib:
+        return logits_chunk_mib * 2 ** 20
+    return CPU_LOGITS_CHUNK_MIB * 2 ** 20 if jax.default_backend() == "cpu" else float("inf")
+
+
+def micro_batch_loss(config: ModelConfig, z_loss_weight: float, params, batch, rng, layerskip=None, step=None,
+                     logits_chunk_mib: float = 0.0):
     """(objective sum, parts): the objective is a *sum* over target tokens so micro-batches add up exactly.
-    `layerskip` (a `train.layerskip.LayerSkipConfig`, None = off) adds exit losses and layer dropout."""
+    `layerskip` (a `train.layerskip.LayerSkipConfig`, None = off) adds exit losses and layer dropout. The head and
+    cross-entropy run fused, in chunks of the sequence (`losses.head_cross_entropy`, `train.logits_chunk_mib`)."""
     extra = {} if layerskip is None else layerskip_lib.model_inputs(layerskip, config, rng, step,
                                                                    batch["inputs"].shape[0])
-    logits, aux, _ = Transformer(config).apply(
+    hidden, aux, _ = Transformer(config).apply(
         {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-        deterministic=False, rngs={"jitter": rng}, **extra)
-    ce_sum, weight_sum = losses.cross_entropy(logits, batch["targets"], batch["weights"])
-    objective = ce_sum
+        deterministic=False, rngs={"jitter": rng}, return_hidden=True, **extra)
+    kernel, vocab_major = head_kernel(params, config)
+    B, T, _ = hidden.shape
+    chunk = losses.logits_chunk_len(B, T, config.vocab_size, logits_chunk_bytes(logits_chunk_mib))
+    objective, ce_sum, z_sum, weight_sum = losses.head_cross_entropy(
+        hidden, kernel, batch["targets"], batch["weights"], vocab_major=vocab_major, dtype=config.dtype,
+        z_loss_weight=z_loss_weight, chunk_len=chunk)
     parts = {"ce_sum": ce_sum, "weight_sum": weight_sum}
     if z_loss_weight:
-        z_sum = losses.logit_z_loss(logits, batch["weights"])
-        objective = objective + z_loss_weight * z_sum
         parts["z_sum"] = z_sum
     if "moe" in aux:
         moe_weighted = moe_loss(aux["moe"], config) * weight_sum
@@ -64,10 +78,10 @@ def split_micro_batches(batch: dict, n: int) -> dict:
 
 
 def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum: int, z_loss_weight: float, layerskip=None) -> Callable:
+                    grad_accum: int, z_loss_weight: float, layerskip=None, logits_chunk_mib: float = 0.0) -> Callable:
     """The un-jitted step function; see `jit_train_step` for the sharded, donating version."""
-    grad_fn = jax.grad(lambda p, b, r, s: micro_batch_loss(config, z_loss_weight, p, b, r, layerskip, s),
-                       has_aux=True)
+    grad_fn = jax.grad(lambda p, b, r, s: micro_batch_loss(config, z_loss_weight, p, b, r, layerskip, s,
+                                                           logits_chunk_mib), has_aux=True)
 
     def train_step(state: TrainState, batch: dict):
         rng = step_rng(state)
