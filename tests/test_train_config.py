@@ -57,6 +57,8 @@ def test_explicit_warmup_steps_take_precedence_over_the_fraction():
 @pytest.mark.parametrize("key, value, message", [
     ("optim.schedule", "exponential", "optim.schedule='exponential' must be one of"),
     ("train.grad_accum", 3, "data.global_batch_size=16 must be divisible by train.grad_accum=3"),
+    ("train.row_groups", 3, "train.row_groups=3 must divide the micro-batch's 16 rows"),
+    ("train.row_groups", -1, "train.row_groups=-1 must be >= 0"),
     ("checkpoint.max_to_keep", 0, "checkpoint.max_to_keep=0 must be positive"),
     ("optim.warmup_steps", 100_000, "optim.warmup_steps=100000 must be < train.steps=100000 (the whole run would"),
     ("optim.warmup_steps", -2, "optim.warmup_steps=-2 must be >= 0, or -1 = warmup_fraction"),

@@ -121,3 +121,38 @@ def test_aux_loss_free_bias_moves_by_the_rate_toward_balance_and_only_the_step_m
     expected = 0.01 * np.sign(counts.mean(-1, keepdims=True) - counts)
     np.testing.assert_allclose(after, expected, atol=1e-7)
     assert np.abs(after).max() > 0
+
+
+def test_row_groups_give_the_same_step_as_one_group():
+    mesh = sharding.make_mesh({}, jax.devices()[:1])
+    tx = optax.sgd(1.0)  # the update exposes the gradient itself
+    batch = packed_batch()
+    with sharding.activate(mesh):
+        state = init_state(CONFIG, tx, mesh, seed=0)
+        results = {}
+        for groups in (1, 4):
+            step = jit_train_step(make_train_step(CONFIG, tx, lambda s: 1.0, 2, z_loss_weight=1e-2,
+                                                  row_groups=groups), state_shardings(CONFIG, tx, mesh), mesh)
+            results[groups] = jax.device_get(step(jax.tree.map(jnp.copy, state), global_batch(batch, mesh)))
+    (one, m1), (four, m4) = results[1], results[4]
+    assert m1["tokens"] == m4["tokens"]
+    for key in ("loss", "z_loss"):
+        assert abs(float(m1[key]) - float(m4[key])) < 1e-6 * abs(float(m1[key])), (key, m1[key], m4[key])
+    worst = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), one.params, four.params)))
+    assert worst < 1e-6, f"largest gradient difference {worst:.3g}"
+
+
+def test_row_groups_auto_only_where_groups_change_nothing(monkeypatch):
+    from ultrathink_jax.train import steps
+
+    monkeypatch.setattr(steps.jax, "device_count", lambda: 1)  # as in a one-device CPU run
+    assert steps.resolve_row_groups(0, CONFIG, None, 16) == steps.CPU_ROW_GROUPS
+    assert steps.resolve_row_groups(0, CONFIG, None, 6) == 3  # the largest divisor of the rows up to 4
+    moe = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=4)
+    assert steps.resolve_row_groups(0, moe, None, 16) == 1  # the balance loss is a mean over the tokens it sees
+    assert steps.resolve_row_groups(0, CONFIG, object(), 16) == 1  # LayerSkip: one dropout mask per group
+    assert steps.resolve_row_groups(2, moe, None, 16) == 2  # an explicit value is taken as given
+    with pytest.raises(ValueError, match="train.row_groups=3 must divide the micro-batch's 16 rows"):
+        steps.resolve_row_groups(3, CONFIG, None, 16)
+    monkeypatch.setattr(steps.jax, "device_count", lambda: 8)
+    assert steps.resolve_row_groups(0, CONFIG, None, 16) == 1  # many devices: the mesh already splits the rows

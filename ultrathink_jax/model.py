@@ -178,7 +178,7 @@ class Transformer(nn.Module):
             out = embed.attend(h) if lm_head is None else lm_head(h)
             return nn.with_logical_constraint(out.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 
-        logits = final_norm(x) if return_hidden else head(x)
+        out = final_norm(x) if return_hidden else head(x)
         aux = {"moe": jax.tree.map(lambda *a: jnp.concatenate(a), *moe_aux)} if moe_aux else {}
         if exits is not None:
             picked = jnp.concatenate(hidden)[exits]
@@ -187,7 +187,7 @@ class Transformer(nn.Module):
         if cache is not None:
             new_cache = {"index": cache["index"] + tokens.shape[1], "segment_ids": kv_segment_ids,
                          "stages": stage_caches}
-        return logits, aux, new_cache
+        return out, aux, new_cache
 
 
 def head_kernel(params, config: ModelConfig):

@@ -22,6 +22,9 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
         # The training loss applies the head chunk by chunk of the sequence (losses.head_cross_entropy), each chunk's
         # float32 logits at most this many MiB; 0 = auto: 4 on CPU (a chunk that stays in cache), else no chunking
         "logits_chunk_mib": 0.0,
+        # Each micro-batch's loss as this many independent groups of rows in one program (same gradient): XLA:CPU
+        # overlaps them over its cores; 0 = auto: 4 for a dense model without LayerSkip on one CPU device, else 1
+        "row_groups": 0,
         "max_bad_steps": 5,  # stop after this many consecutive steps skipped for a non-finite loss or gradient
         "sample_tokens": 64,  # tokens generated at the end of training (0 = no sample)
         "sample_prompt": "def ",
@@ -81,6 +84,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("train.grad_accum", t.grad_accum, t.grad_accum > 0, "must be positive"),
         ("train.z_loss_weight", t.z_loss_weight, t.z_loss_weight >= 0, "must be >= 0"),
         ("train.logits_chunk_mib", t.logits_chunk_mib, t.logits_chunk_mib >= 0, "must be >= 0 (0 = auto)"),
+        ("train.row_groups", t.row_groups, t.row_groups >= 0, "must be >= 0 (0 = auto)"),
         ("train.max_bad_steps", t.max_bad_steps, t.max_bad_steps > 0, "must be positive"),
         ("train.sample_tokens", t.sample_tokens, t.sample_tokens >= 0, "must be >= 0"),
         ("train.sample_temperature", t.sample_temperature, t.sample_temperature >= 0, "must be >= 0"),
@@ -116,6 +120,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.global_batch_size % t.grad_accum:
         raise ConfigError(f"config: data.global_batch_size={config.data.global_batch_size} must be divisible by "
                           f"train.grad_accum={t.grad_accum}")
+    if t.row_groups and (config.data.global_batch_size // t.grad_accum) % t.row_groups:
+        raise ConfigError(f"config: train.row_groups={t.row_groups} must divide the micro-batch's "
+                          f"{config.data.global_batch_size // t.grad_accum} rows (data.global_batch_size / "
+                          f"train.grad_accum)")
 
 
 def warmup_steps(optim: ml_collections.ConfigDict, total_steps: int) -> int:

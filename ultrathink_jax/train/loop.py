@@ -171,14 +171,15 @@ class StepFunctions(NamedTuple):
 
 @functools.lru_cache(maxsize=8)
 def step_functions(model: ModelConfig, optim_items: tuple, total_steps: int, grad_accum: int,
-                   z_loss_weight: float, mesh, layerskip_cfg=None, logits_chunk_mib: float = 0.0) -> StepFunctions:
+                   z_loss_weight: float, mesh, layerskip_cfg=None, logits_chunk_mib: float = 0.0,
+                   row_groups: int = 0) -> StepFunctions:
     """Built once per distinct setting, so a process that trains again (a resume, a test) reuses the
     compiled steps instead of tracing and compiling them anew."""
     tx, schedule = make_optimizer(ml_collections.ConfigDict(dict(optim_items)), total_steps)
     shardings = state_shardings(model, tx, mesh)
     train_step = steps_lib.jit_train_step(
-        steps_lib.make_train_step(model, tx, schedule, grad_accum, z_loss_weight, layerskip_cfg, logits_chunk_mib),
-        shardings, mesh)
+        steps_lib.make_train_step(model, tx, schedule, grad_accum, z_loss_weight, layerskip_cfg, logits_chunk_mib,
+                                  row_groups), shardings, mesh)
     return StepFunctions(tx, shardings, train_step, steps_lib.make_eval_step(model, shardings.params, mesh))
 
 
@@ -186,7 +187,7 @@ def config_step_functions(config: ml_collections.ConfigDict, model: ModelConfig,
     """The optimizer and jitted steps `train` runs for `config` (the parity suite drives the same ones)."""
     return step_functions(model, tuple(sorted(config.optim.items())), config.train.steps, config.train.grad_accum,
                           config.train.z_loss_weight, mesh, layerskip.from_train_config(config.train, model.n_layers),
-                          config.train.logits_chunk_mib)
+                          config.train.logits_chunk_mib, config.train.row_groups)
 
 
 def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progress, train_iter, eval_batches,
