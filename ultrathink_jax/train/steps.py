@@ -91,8 +91,8 @@ def row_group_loss(config: ModelConfig, z_loss_weight: float, params, batch, rng
     if groups == 1:
         return micro_batch_loss(config, z_loss_weight, params, batch, rng, layerskip, step, logits_chunk_mib)
     split = split_micro_batches(batch, groups)
-    sums = [micro_batch_loss(config, z_loss_weight, params, {k: v[g] for k, v in split.items()}, rng, layerskip,
-                             step, logits_chunk_mib) for g in range(groups)]
+    sums = [micro_batch_loss(config, z_loss_weight, params, {k: v[g] for k, v in split.items()},
+                             jax.random.fold_in(rng, g), layerskip, step, logits_chunk_mib) for g in range(groups)]
     return jax.tree.map(lambda *parts: sum(parts[1:], parts[0]), *sums)
 
 
