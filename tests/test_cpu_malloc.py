@@ -21,7 +21,7 @@ f = jax.jit(lambda x: jnp.cumsum(x * 2.0, axis=0)[::-1].sum(0))
 assert f.lower(x).compile().memory_analysis().temp_size_in_bytes >= 330_000 * 64 * 4
 f(x).block_until_ready()
 faults = []
-for _ in range(3):
+for _ in range(10):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -43,7 +43,7 @@ def test_temporaries_are_not_faulted_in_every_call():
     assert on["applied"] == "applied"
     assert off["applied"] == "not applied: ULTRATHINK_CPU_MALLOC=0"
     assert off["faults"] >= TEMP_PAGES  # glibc's default: a fresh mmap per call
-    assert on["faults"] < TEMP_PAGES // 10
+    assert on["faults"] < TEMP_PAGES // 10  # the fewest of 10 calls: the heap settles on reusing a buffer
 
 
 @pytest.mark.parametrize("environ, reason", [
