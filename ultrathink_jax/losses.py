@@ -18,13 +18,6 @@ def cross_entropy(logits, targets, weights):
     return jnp.sum((log_z - target_logit) * weights), jnp.sum(weights)
 
 
-def logit_z_loss(logits, weights):
-    """PaLM's z-loss: mean of log(Z)^2 over weighted tokens, returned as a weighted sum; keeps the softmax normaliser
-    near 1 so bf16 logits stay in range."""
-    log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-    return jnp.sum(jnp.square(log_z) * weights)
-
-
 def head_cross_entropy(hidden, kernel, targets, weights, *, vocab_major: bool, dtype, z_loss_weight: float = 0.0,
                        chunk_len: int = 0):
     """The output head and its cross-entropy (+ z-loss) for training, with the [B, T, V] logits never whole.
