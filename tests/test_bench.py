@@ -44,3 +44,13 @@ def test_adaptive_bench_times_the_layerskip_step_against_the_plain_one():
     model = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=128)
     ratio = adaptive._step_cost(model, LayerSkipConfig(exit_layers=(0,), layer_dropout_max=0.1), steps=1)
     assert ratio > 0
+
+
+def test_machine_line_names_the_cpu_model_and_its_vector_extension():
+    from ultrathink_jax.bench import machine
+
+    avx512 = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu sse2 avx2 avx512f fma\n"
+    avx2 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13 64-Core Processor\nflags\t\t: fpu sse2 avx2 fma\n"
+    assert machine.cpu_model(avx512) == "Intel(R) Xeon(R) Processor (AVX-512)"
+    assert machine.cpu_model(avx2) == "AMD EPYC 7B13 64-Core Processor (AVX2)"
+    assert machine.cpu_model("flags\t: avx2\n") == ""  # no model name: describe() falls back to platform

@@ -67,7 +67,9 @@ def micro_batch_loss(config: ModelConfig, z_loss_weight: float, params, batch, r
     return objective, parts
 
 
-CPU_ROW_GROUPS = 4  # `train.row_groups` = 0 on one CPU device: default step 1.1x faster, width 512 1.05x (BENCHMARKS.md)
+# `train.row_groups` = 0 on one CPU device: on a 2-core AVX2 host the default step 1.1x faster, width 512 1.05x; on a
+# 2-core AVX-512 host neutral within 2% (BENCHMARKS.md, train profile rounds 4 and 5)
+CPU_ROW_GROUPS = 4
 
 
 def resolve_row_groups(row_groups: int, config: ModelConfig, layerskip, rows: int) -> int:
