@@ -143,3 +143,26 @@ def test_bad_arguments_give_one_clear_line(prompts, kwargs, message):
     with pytest.raises(GenerationError) as err:
         generate(params, cfg, prompts, **kwargs)
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("layers", [dict(), dict(n_layers=5, n_experts=4, moe_d_ff=48, moe_first_dense=1)],
+                         ids=["dense", "dense+moe+dense stages"])
+def test_decode_loop_does_not_slice_the_stacked_layer_weights_per_token(layers):
+    """The on-device decode loop reads each unit's weights as they are (sliced once, before the loop): slicing the
+    stacked [n_units, ...] params inside the loop copied every unit's weights on every token on XLA:CPU."""
+    from ultrathink_jax.generate import engine as engine_lib
+
+    cfg = tiny_config(**layers)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.15, jnp.float32),
+                          nn.unbox(abstract_params(cfg)))
+    engine = Engine(params, cfg)
+    run = engine.prefill(PROMPTS, 4)
+    _, _, decode = engine_lib._programs(engine.config, run.sampling, engine.mesh)
+    with sharding.activate(engine.mesh):
+        hlo = decode.lower(engine.params, run.state).compile().as_text()
+    body_slices = [line for line in hlo.splitlines()
+                   if " slice(" in line and "while/body/Transformer/slice" in line and " f32[" in line]
+    assert body_slices == []
+    # and the loop still decodes what stepping from Python decodes
+    assert engine.tokens(engine.decode(engine.prefill(PROMPTS, 4))) == stepwise(engine, PROMPTS, 4)[1]
