@@ -160,16 +160,20 @@ def _decode_program(config: ModelConfig, sampling: SamplingConfig, ee: EarlyExit
     return jax.jit(decode, donate_argnums=3)
 
 
-@dataclasses.dataclass
-class EarlyExitStats:
-    mean_depth: float  # layers run in full per decoded token (the prefill and the first token run all layers)
-    n_layers: int
-    layer_flops_saved: float  # fraction of the decoded tokens' layer matmul FLOPs not spent (KV filling counted)
-    check_cost: float  # the confidence checks' FLOPs, as a fraction of the full model's layer matmul FLOPs
+class _NetSaving:
+    """For results with `layer_flops_saved` and `check_cost` fields: the saving net of the checks' cost."""
 
     @property
     def net_flops_saved(self) -> float:
         return self.layer_flops_saved - self.check_cost
+
+
+@dataclasses.dataclass
+class EarlyExitStats(_NetSaving):
+    mean_depth: float  # layers run in full per decoded token (the prefill and the first token run all layers)
+    n_layers: int
+    layer_flops_saved: float  # fraction of the decoded tokens' layer matmul FLOPs not spent (KV filling counted)
+    check_cost: float  # the confidence checks' FLOPs, as a fraction of the full model's layer matmul FLOPs
 
 
 def check_flops(config: ModelConfig, measure: str) -> int:
@@ -256,7 +260,7 @@ def _full_program(config: ModelConfig):
 
 
 @dataclasses.dataclass
-class HeldOutResult:
+class HeldOutResult(_NetSaving):
     threshold: float
     perplexity: float
     full_perplexity: float
@@ -264,10 +268,6 @@ class HeldOutResult:
     layer_flops_saved: float
     check_cost: float
     greedy_agreement: float  # fraction of positions whose exit argmax equals the full model's
-
-    @property
-    def net_flops_saved(self) -> float:
-        return self.layer_flops_saved - self.check_cost
 
     @property
     def perplexity_increase(self) -> float:

@@ -25,9 +25,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ultrathink_jax import sharding
+from ultrathink_jax.generate import layerwise
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.generate.sampling import GenerationError, SamplingConfig, next_token
-from ultrathink_jax.model import Transformer, init_cache, layer_plan
+from ultrathink_jax.model import Transformer, init_cache
 from ultrathink_jax.params import param_shardings
 
 PAD_ID = 0  # what padding rows and finished rows hold; never attended to or returned
@@ -79,21 +80,6 @@ def choose_token(state, logits, step, sampling: SamplingConfig):
             "out": jax.lax.dynamic_update_slice_in_dim(state["out"], token[:, None], step, axis=1)}
 
 
-def unstack_layers(params, config: ModelConfig) -> dict:
-    """The scanned stages' stacked params [n_units, ...] as lists of per-unit arrays, sliced once before a decode
-    loop. Inside the loop `restack_layers` stacks them again and XLA folds each unit's slice of that stack to the
-    piece itself: slicing the stacked params inside the loop copied every unit's weights on every token, because
-    XLA:CPU does not hoist those slices out of the while loop."""
-    stages = {stage.name for stage in layer_plan(config)}
-    return {name: jax.tree.map(lambda a: [a[u] for u in range(a.shape[0])], tree) if name in stages else tree
-            for name, tree in params.items()}
-
-
-def restack_layers(pieces) -> dict:
-    is_units = lambda x: isinstance(x, list)
-    return jax.tree.map(lambda x: jnp.stack(x) if is_units(x) else x, pieces, is_leaf=is_units)
-
-
 @functools.lru_cache(maxsize=None)
 def _programs(config: ModelConfig, sampling: SamplingConfig, mesh: Mesh):
     """Jitted (prefill, step, decode-to-the-end) for one model config and sampling setting."""
@@ -126,9 +112,12 @@ def _programs(config: ModelConfig, sampling: SamplingConfig, mesh: Mesh):
 
     def decode(params, state):
         n_new = state["out"].shape[1]
-        pieces = unstack_layers(params, config)
+        # Sliced once here and stacked again inside the loop, where XLA folds each unit's slice of that stack
+        # to the piece itself: slicing the stacked params inside the loop copied every unit's weights on every
+        # token, because XLA:CPU does not hoist those slices out of the while loop.
+        layers = layerwise.unstack_layers(params, config)
         return jax.lax.while_loop(lambda s: (s["step"] < n_new) & ~jnp.all(s["done"]),
-                                  lambda s: step(restack_layers(pieces), s), state)
+                                  lambda s: step(layerwise.stack_layers(params, config, layers), s), state)
 
     return (jax.jit(prefill, static_argnames=("cache_len", "n_new")),
             jax.jit(step, donate_argnums=1), jax.jit(decode, donate_argnums=1))

@@ -46,6 +46,14 @@ def unstack_layers(params, config: ModelConfig, n_layers: int | None = None) -> 
     return [jax.tree.map(lambda a, u=s.unit: a[u], params[s.stage][f"block_{s.block}"]) for s in slots]
 
 
+def stack_layers(params, config: ModelConfig, layers: list):
+    """The inverse of `unstack_layers` (all layers): `params` with each stage's blocks stacked again from `layers`."""
+    stages = {s.name: {f"block_{b}": jax.tree.map(lambda *units: jnp.stack(units),
+                                                   *[layers[s.layer_index(u, b)] for u in range(s.n_units)])
+                       for b in range(len(s.unit))} for s in layer_plan(config)}
+    return {**params, **stages}
+
+
 def embed(params, config: ModelConfig, tokens):
     return TokenEmbedding(config).apply({"params": params["embed_tokens"]}, tokens)
 
