@@ -52,6 +52,17 @@ def test_value_and_gradient_equal_the_unfused_loss(tie, z, chunk_mib):
         np.testing.assert_allclose(g, w, atol=2e-6 * float(jnp.max(jnp.abs(w))), rtol=1e-4)
 
 
+@pytest.mark.parametrize("pad_target", [-1, V])
+def test_a_weightless_target_outside_the_vocabulary_adds_nothing(pad_target):
+    cfg, params, batch = _model(True)
+    padded = {**batch, "targets": np.where(batch["weights"] > 0, batch["targets"], pad_target).astype(np.int32)}
+    loss = jax.jit(lambda p, b: steps.micro_batch_loss(cfg, 1e-2, p, b, jax.random.key(1), logits_chunk_mib=0.01))
+    (got, got_parts), (want, want_parts) = loss(params, padded), loss(params, batch)
+    assert np.isfinite(got)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got_parts["ce_sum"], want_parts["ce_sum"], rtol=1e-6)
+
+
 def test_bfloat16_matches_the_unfused_loss_to_bf16_precision():
     cfg, params, batch = _model(True, "bfloat16")
     (want, _), want_grad = jax.jit(jax.value_and_grad(lambda p: _reference(cfg, 0.0, p, batch), has_aux=True))(params)

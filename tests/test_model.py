@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from model_fixtures import init, jitted_apply, logits_of, random_tokens, row_inputs, tiny_config
-from ultrathink_jax.layers.rotary import apply_rope, rope_tables
+from ultrathink_jax.layers.rotary import apply_rope, forward_rope_tables, rope_tables
 from ultrathink_jax.model import Transformer, init_cache, layer_plan
 
 
@@ -85,6 +85,28 @@ def test_rope_pairs_dimension_i_with_i_plus_half():
     rotated = apply_rope(x, cos, sin)[0, 0, 0]
     nonzero = set(np.flatnonzero(np.abs(np.asarray(rotated)) > 1e-6).tolist())
     assert nonzero == {1, 5}, nonzero
+
+
+@pytest.mark.parametrize("positions", [[[0, 5, 63], [1, 2, 3]], [[0, 64, 900]], [[-3, 0, 7]]],
+                         ids=["in table", "past the table", "negative"])
+def test_forward_rope_tables_equal_the_direct_ones_for_any_position(positions):
+    positions = jnp.asarray(positions, jnp.int32)
+    got = jax.jit(lambda p: forward_rope_tables(p, 16, 10000.0, 64))(positions)
+    want = jax.jit(lambda p: rope_tables(p, 16, 10000.0))(positions)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-6)
+
+
+def test_rope_tables_are_computed_once_per_forward_not_per_layer_on_cpu():
+    """XLA:CPU fused cos/sin into every consumer: the compiled forward + backward recomputed them in each layer."""
+    def cosines(n_layers):
+        cfg = tiny_config(n_layers=n_layers)
+        params = init(cfg)
+        tokens, positions, segment_ids = row_inputs(random_tokens(cfg, (2, 16)))
+        loss = lambda p: jnp.sum(Transformer(cfg).apply({"params": p}, tokens, positions, segment_ids)[0])
+        return jax.jit(jax.grad(loss)).lower(params).compile().as_text().count(" cosine(")
+
+    assert cosines(2) == cosines(4) > 0
 
 
 def test_initialisation_matches_the_original_recipe():

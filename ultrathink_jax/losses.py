@@ -56,7 +56,9 @@ def _chunk(rows, kernel, targets, weights, vocab_major, dtype, z_loss_weight, wi
     total = e.sum(-1, keepdims=True)
     log_z = (top + jnp.log(total))[:, 0]
     is_target = jnp.arange(logits.shape[-1]) == targets[:, None]
-    target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+    # A gather of N logits, where `cross_entropy`'s select-and-sum (chosen there for autodiff) is an extra [N, V]
+    # pass; this gradient is written by hand below. Clipped: a padding target (weight 0) reads a finite logit.
+    target_logit = jnp.take_along_axis(logits, targets[:, None], -1, mode="clip")[:, 0]
     sums = jnp.sum((log_z - target_logit) * weights), jnp.sum(jnp.square(log_z) * weights)
     if not with_grad:
         return sums

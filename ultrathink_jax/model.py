@@ -29,7 +29,7 @@ from ultrathink_jax.layers.init import weight_init
 from ultrathink_jax.layers.linear import Linear
 from ultrathink_jax.layers.mlp import MLP
 from ultrathink_jax.layers.norm import RMSNorm
-from ultrathink_jax.layers.rotary import rope_tables
+from ultrathink_jax.layers.rotary import forward_rope_tables
 from ultrathink_jax.moe import MoEMLP  # imports the shared layers, never this module
 
 RESIDUAL_AXES = ("act_batch", "act_length", "act_embed")
@@ -200,7 +200,7 @@ def head_kernel(params, config: ModelConfig):
 
 def attention_context(cfg: ModelConfig, positions, segment_ids, cache):
     """((cos, sin, mask, valid, cache_index), kv_segment_ids) for a forward pass with or without a KV cache."""
-    cos, sin = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
+    cos, sin = forward_rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta, cfg.max_seq_len)
     T = positions.shape[1]
     if cache is None:
         index = jnp.arange(T)
