@@ -25,8 +25,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ultrathink_jax import sharding
-from ultrathink_jax.generate import layerwise
 from ultrathink_jax.config import ModelConfig
+from ultrathink_jax.generate import layerwise
 from ultrathink_jax.generate.sampling import GenerationError, SamplingConfig, next_token
 from ultrathink_jax.model import Transformer, init_cache
 from ultrathink_jax.params import param_shardings
