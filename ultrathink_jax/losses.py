@@ -55,7 +55,6 @@ def _chunk(rows, kernel, targets, weights, vocab_major, dtype, z_loss_weight, wi
     e = jnp.exp(logits - top)
     total = e.sum(-1, keepdims=True)
     log_z = (top + jnp.log(total))[:, 0]
-    is_target = jnp.arange(logits.shape[-1]) == targets[:, None]
     # A gather of N logits, where `cross_entropy`'s select-and-sum (chosen there for autodiff) is an extra [N, V]
     # pass; this gradient is written by hand below. Clipped: a padding target (weight 0) reads a finite logit.
     target_logit = jnp.take_along_axis(logits, targets[:, None], -1, mode="clip")[:, 0]
@@ -64,6 +63,7 @@ def _chunk(rows, kernel, targets, weights, vocab_major, dtype, z_loss_weight, wi
         return sums
     # d objective / d logits = w * ((1 + 2 z log Z) softmax - onehot): the z-loss term is z * w * log(Z)^2
     scale = weights * (1.0 + 2.0 * z_loss_weight * log_z) if z_loss_weight else weights
+    is_target = jnp.arange(logits.shape[-1]) == targets[:, None]
     d = (scale[:, None] * (e / total) - jnp.where(is_target, weights[:, None], 0.0)).astype(dtype)
     d_rows = d @ (w if vocab_major else w.T)
     d_kernel = (jnp.einsum("nv,nd->vd", d, x, preferred_element_type=jnp.float32) if vocab_major else
