@@ -5,8 +5,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # one XLA cache for the suite: tests compile the same small
-    import atexit, shutil, tempfile  # noqa: E401  programs again and again, in both workers and in subprocesses
+# One XLA compilation cache for the suite (both xdist workers and the subprocesses inherit it): tests compile the
+# same small programs again and again. Created once by the controller, removed when it exits.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ultrathink-test-xla-cache-")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
