@@ -48,16 +48,63 @@ def grouped_attention(q, k, v, mask, scale):
     fast = q.dtype == jnp.float32
     q = (q * scale if fast else q).reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, hd]
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
     bias = mask if jnp.issubdtype(mask.dtype, jnp.floating) else mask_bias(mask)
-    scores = (scores if fast else scores * scale).reshape(B, K, G, T, S) + bias[:, :, None]
     if fast:
-        e = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
-        out = jnp.einsum("bkqs,bksd->bkqd", e.reshape(B, K, G * T, S), v) / e.sum(-1).reshape(B, K, G * T, 1)
+        out = softmax_attention_f32(q, k, v, bias)
     else:
-        probs = jax.nn.softmax(scores, axis=-1).reshape(B, K, G * T, S)
-        out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v)
+        scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax((scores * scale).reshape(B, K, G, T, S) + bias[:, :, None], axis=-1)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(B, K, G * T, S).astype(v.dtype), v)
     return out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+
+
+def _exp_scores(q, k, bias):
+    """exp(scores - row max) [B, K, G*T, S] and the row sums [B, K, G*T, 1]; q already scaled."""
+    B, K, GT, _ = q.shape
+    T, S = bias.shape[2], k.shape[2]
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k).reshape(B, K, GT // T, T, S) + bias[:, :, None]
+    e = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True))).reshape(B, K, GT, S)
+    return e, e.sum(-1, keepdims=True)
+
+
+@jax.custom_vjp
+def softmax_attention_f32(q, k, v, bias):
+    """softmax(q k^T + bias) v, heads-major: q [B, K, G*T, hd] (scaled), k/v [B, K, S, hd], bias [B, 1, T, S] (not
+    differentiated). The backward is written out (flash attention's: dS = P * (dP - rowsum(dO * O))) so that every
+    matmul in it has untransposed operands on CPU, see `_untransposed`."""
+    e, total = _exp_scores(q, k, bias)
+    return jnp.einsum("bkqs,bksd->bkqd", e, v) / total
+
+
+def _softmax_attention_fwd(q, k, v, bias):
+    e, total = _exp_scores(q, k, bias)
+    inv = 1.0 / total
+    out = jnp.einsum("bkqs,bksd->bkqd", e, v) * inv
+    return out, (q, k, v, e, inv, out, bias)
+
+
+def _untransposed(x):
+    """x [..., a, b] -> its transpose [..., b, a], in memory on CPU. The gradients in K and V contract the query
+    axis, which leads both operands (P^T dO, dS^T Q); XLA would fold a plain transpose into the matmul, and
+    XLA:CPU runs such transposed-operand batched matmuls on Eigen, not YNNPACK: materialising the transpose (the
+    barrier stops the folding) made the attention block's fwd + bwd 1.1-1.25x faster (BENCHMARKS.md). Elsewhere the
+    matmul libraries take transposed operands natively and the transpose is left to XLA."""
+    x = jnp.swapaxes(x, -1, -2)
+    return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
+
+
+def _softmax_attention_bwd(residuals, d_out):
+    q, k, v, e, inv, out, bias = residuals
+    p = e * inv
+    dv = jnp.einsum("bksq,bkqd->bksd", _untransposed(p), d_out)
+    dp = jnp.einsum("bkqd,bksd->bkqs", d_out, v)
+    ds = p * (dp - jnp.sum(d_out * out, -1, keepdims=True))
+    dq = jnp.einsum("bkqs,bksd->bkqd", ds, k)
+    dk = jnp.einsum("bksq,bkqd->bksd", _untransposed(ds), q)
+    return dq, dk, dv, jnp.zeros_like(bias)
+
+
+softmax_attention_f32.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def write_cache(cache, k, v, index, unit=None):

@@ -1,0 +1,57 @@
+"""The float32 attention's hand-written backward (`softmax_attention_f32`) against autodiff of the textbook form."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ultrathink_jax.layers.attention import attention_mask, grouped_attention, mask_bias
+
+
+def textbook_attention(q, k, v, mask, scale):
+    """softmax(q k^T * scale + bias) v with each KV head repeated for its query heads (h // group)."""
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) * scale + mask_bias(mask)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads,prefix,window", [(4, 2, 0, 0), (4, 4, 0, 3), (6, 2, 5, 0)])
+def test_gradients_equal_autodiff_of_the_textbook_form(n_heads, n_kv_heads, prefix, window):
+    """GQA and MHA, packed segments with padding, a sliding window, and keys longer than the queries (a cache
+    prefix of `prefix` positions): loss and gradients in q, k and v agree."""
+    B, T, hd = 2, 9, 8
+    S = prefix + T
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(B, T, n_heads, hd)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(B, S, n_kv_heads, hd)), jnp.float32) for _ in range(2))
+    segments = np.ones((B, S), np.int32)
+    segments[1, prefix + 4:] = 2  # row 1 packs a second document
+    segments[1, -2:] = 0  # and ends in padding
+    mask = attention_mask(prefix + jnp.arange(T), jnp.arange(S), jnp.asarray(segments[:, prefix:]),
+                          jnp.asarray(segments), window)
+    weights = jnp.asarray(rng.normal(size=(B, T, n_heads, hd)), jnp.float32)
+
+    def loss(fn):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(weights * fn(q, k, v, mask, hd ** -0.5)),
+                                          argnums=(0, 1, 2)))
+
+    (ours, ours_grads), (ref, ref_grads) = loss(grouped_attention)(q, k, v), loss(textbook_attention)(q, k, v)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)
+    for name, a, b in zip("qkv", ours_grads, ref_grads):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_the_backward_has_no_transposed_operand_matmul_on_cpu():
+    """Every batched matmul of the attention's fwd + bwd contracts the last axis of its left operand: XLA:CPU runs
+    the others (a contraction over the leading query axis, as P^T dO and dS^T Q are) on Eigen, not YNNPACK."""
+    q = jnp.zeros((2, 16, 4, 8), jnp.float32)
+    k = v = jnp.zeros((2, 16, 2, 8), jnp.float32)
+    mask = attention_mask(jnp.arange(16), jnp.arange(16), jnp.ones((2, 16), jnp.int32), jnp.ones((2, 16), jnp.int32), 0)
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(grouped_attention(q, k, v, mask, 0.3)), argnums=(0, 1, 2)))
+    hlo = grad.lower(q, k, v).compile().as_text()
+    dots = [line for line in hlo.splitlines() if " dot(" in line]
+    assert len(dots) >= 6, dots  # 2 forward, 4 backward
+    for line in dots:
+        lhs_rank = line.split("dot(")[0].split("[")[1].split("]")[0].count(",") + 1  # output rank = lhs rank here
+        assert f"lhs_contracting_dims={{{lhs_rank - 1}}}" in line, line
