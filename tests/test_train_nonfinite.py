@@ -105,3 +105,14 @@ def test_export_refuses_a_checkpoint_holding_non_finite_values(corpus, tmp_path,
     assert err.startswith("launch.export_hf: error: the newest intact checkpoint of "), err
     assert "holds non-finite values in 1 tensor(s)" in err, err
     assert "\n" not in err and not out.exists()
+
+
+def test_an_update_that_overflows_the_parameters_stops_the_run_before_anything_is_saved(corpus, tmp_path):
+    """A finite loss and gradient are applied in place (steps.py decides before the update); a learning rate of
+    3e38 is finite but moves every weight by about 3e38, whose norm overflows: the run stops at that step."""
+    config = tiny_config(*corpus, **{"optim.learning_rate": 3e38, "optim.warmup_steps": 0, "train.steps": 6,
+                                     "checkpoint.every_steps": 1})
+    with pytest.raises(TrainingError, match=r"step 1: the update left non-finite parameters \(param norm inf, .*"
+                                            r"nothing saved after it; last good checkpoint: none in "):
+        train(config, tmp_path)
+    assert checkpoint_steps(tmp_path) == []

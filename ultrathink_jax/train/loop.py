@@ -220,7 +220,7 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
 
     while step < end:
         if stop.should_stop(sync_point=step % cfg_l.every_steps == 0):
-            _fetch(pending, result, progress)
+            _fetch(pending, result, progress, store)
             if last_saved != step:
                 with phases.time("checkpoint"):
                     save()
@@ -237,7 +237,7 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
         if not (log_now or eval_now or save_now or window_start is None):
             continue
         with phases.time("compile" if window_start is None else "steps"):  # waits for the steps dispatched
-            fetched = _fetch(pending, result, progress)
+            fetched = _fetch(pending, result, progress, store)
         for s, f in fetched:
             bad_run = bad_run + 1 if f["skipped"] else 0
             if moe:  # router statistics are sums: add them up per logging window and over the run
@@ -248,12 +248,9 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
             window_tokens += sum(float(f["tokens"]) for _, f in fetched if not f["skipped"])
             window_steps += len(fetched)
         if bad_run >= config.train.max_bad_steps:
-            store.wait()
-            good = store.latest_step()
             raise TrainingError(f"{bad_run} consecutive non-finite steps (the last, step {step}: loss "
                                 f"{float(fetched[-1][1]['loss'])}, grad norm {float(fetched[-1][1]['grad_norm'])}) "
-                                f"reached train.max_bad_steps={config.train.max_bad_steps}; last good checkpoint: "
-                                f"{'none' if good is None else f'step {good}'} in {store.directory}")
+                                f"reached train.max_bad_steps={config.train.max_bad_steps}; {_last_good(store)}")
 
         if log_now:
             m = fetched[-1][1]
@@ -314,19 +311,33 @@ def _loop(config, model, mesh, fns: StepFunctions, state, store, writer, progres
     return result
 
 
-def _fetch(pending: list, result: TrainResult, progress) -> list[tuple[int, dict]]:
-    """Brings the pending steps' metrics to the host in one transfer and records them; empties `pending`."""
+def _fetch(pending: list, result: TrainResult, progress, store) -> list[tuple[int, dict]]:
+    """Brings the pending steps' metrics to the host in one transfer and records them; empties `pending`. Every
+    checkpoint is written after such a fetch, so a step that left non-finite parameters stops the run here, before
+    they can be saved."""
     fetched = list(zip([s for s, _ in pending], jax.device_get([m for _, m in pending])))
     pending.clear()
     for s, m in fetched:
         result.losses[s] = float(m["loss"])
         if not m["skipped"]:
+            if not math.isfinite(float(m["param_norm"])):  # a finite gradient's update overflowed (steps.py)
+                raise TrainingError(f"step {s}: the update left non-finite parameters (param norm "
+                                    f"{float(m['param_norm'])}, loss {float(m['loss'])}, grad norm "
+                                    f"{float(m['grad_norm'])}, learning rate {float(m['learning_rate'])}); nothing "
+                                    f"saved after it; {_last_good(store)}")
             result.tokens += int(m["tokens"])
         else:
             result.skipped.append(s)
             progress.message(f"step {s}: non-finite loss {float(m['loss'])} / grad norm {float(m['grad_norm'])} / "
                              f"param norm {float(m['param_norm'])}: update skipped ({len(result.skipped)} so far)")
     return fetched
+
+
+def _last_good(store) -> str:
+    """'last good checkpoint: step N in DIR' (or 'none'), once the saves in flight are done."""
+    store.wait()
+    good = store.latest_step()
+    return f"last good checkpoint: {'none' if good is None else f'step {good}'} in {store.directory}"
 
 
 def _run_eval(eval_fn, params, batches, mesh, config, step, writer, progress, result) -> None:

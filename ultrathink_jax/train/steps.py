@@ -4,8 +4,8 @@
 `lax.scan` sums (loss sum, target-weight sum, gradients) over them; the sums are divided once by the total weight,
 so 4 micro-batches give exactly the gradient of one 4x batch (token-weighted mean cross-entropy). For MoE models
 the router loss (`ultrathink_jax.moe.moe_loss`, a per-batch mean) is added per micro-batch weighted by the
-micro-batch's target count, and the layers' router statistics are summed over micro-batches. A step whose loss,
-gradients or updated parameters are not finite changes nothing but the step counter (metrics["skipped"]).
+micro-batch's target count, and the layers' router statistics are summed over micro-batches. A step whose loss or
+gradients are not finite changes nothing but the step counter (metrics["skipped"]).
 """
 
 from __future__ import annotations
@@ -133,20 +133,28 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, sched
             (grad_sum, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grad_sum)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if "moe" in sums:  # aux-loss-free balancing (a no-op unless router_bias_update_rate > 0)
-            params = update_selection_bias(state.params, params, sums["moe"]["expert_counts"], config)
-        grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
-        # A non-finite loss, gradient or update (an overflowing batch, a diverging learning rate) is skipped here,
-        # on the device: params and optimizer state stay as they were, so nothing non-finite is ever checkpointed.
-        ok = jnp.isfinite(sums["ce_sum"]) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (params, opt_state),
-                                         (state.params, state.opt_state))
+        grad_norm = optax.tree.norm(grads)
+        # A non-finite loss or gradient (an overflowing batch, a diverging learning rate) skips the update, on the
+        # device: params and optimizer state stay as they were, so nothing non-finite is ever checkpointed. Decided
+        # before the update, so the update runs in place inside the `cond`: selecting between the new and the old
+        # state afterwards kept both alive and cost a pass over params, mu and nu (BENCHMARKS.md, round 7). With a
+        # finite gradient and learning rate the update is finite; `train.loop` stops if the parameters still are not.
+        ok = jnp.isfinite(sums["ce_sum"]) & jnp.isfinite(grad_norm) & jnp.isfinite(schedule(state.step))
+
+        def update(params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            if "moe" in sums:  # aux-loss-free balancing (a no-op unless router_bias_update_rate > 0)
+                new_params = update_selection_bias(params, new_params, sums["moe"]["expert_counts"], config)
+            return new_params, opt_state
+
+        params, opt_state = jax.lax.cond(ok, update, lambda params, opt_state: (params, opt_state), state.params,
+                                         state.opt_state)
+        param_norm = optax.tree.norm(params)
         metrics = {
             "loss": sums["ce_sum"] / denom,  # token-weighted mean cross-entropy (the number perplexity uses)
             "grad_norm": grad_norm,  # before clipping
-            "param_norm": param_norm,  # of the update's result, kept or not
+            "param_norm": param_norm,  # after the step (the old parameters' when it was skipped)
             "learning_rate": schedule(state.step),
             "tokens": sums["weight_sum"],
             "skipped": ~ok,
