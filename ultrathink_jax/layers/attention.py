@@ -6,7 +6,7 @@ from flax import linen as nn
 
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.layers.init import residual_out_init, weight_init
-from ultrathink_jax.layers.linear import Linear
+from ultrathink_jax.layers.linear import Linear, untransposed
 from ultrathink_jax.layers.rotary import apply_rope
 
 NEG_INF = -1e30  # finite: a fully masked row (never produced for real tokens) stays NaN-free
@@ -71,7 +71,7 @@ def _exp_scores(q, k, bias):
 def softmax_attention_f32(q, k, v, bias):
     """softmax(q k^T + bias) v, heads-major: q [B, K, G*T, hd] (scaled), k/v [B, K, S, hd], bias [B, 1, T, S] (not
     differentiated). The backward is written out (flash attention's: dS = P * (dP - rowsum(dO * O))) so that every
-    matmul in it has untransposed operands on CPU, see `_untransposed`."""
+    matmul in it has untransposed operands on CPU (`layers.linear.untransposed`)."""
     e, total = _exp_scores(q, k, bias)
     return jnp.einsum("bkqs,bksd->bkqd", e, v) / total
 
@@ -83,24 +83,14 @@ def _softmax_attention_fwd(q, k, v, bias):
     return out, (q, k, v, e, inv, out, bias)
 
 
-def _untransposed(x):
-    """x [..., a, b] -> its transpose [..., b, a], in memory on CPU. The gradients in K and V contract the query
-    axis, which leads both operands (P^T dO, dS^T Q); XLA would fold a plain transpose into the matmul, and
-    XLA:CPU runs such transposed-operand batched matmuls on Eigen, not YNNPACK: materialising the transpose (the
-    barrier stops the folding) made the attention block's fwd + bwd 1.1-1.25x faster (BENCHMARKS.md). Elsewhere the
-    matmul libraries take transposed operands natively and the transpose is left to XLA."""
-    x = jnp.swapaxes(x, -1, -2)
-    return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
-
-
 def _softmax_attention_bwd(residuals, d_out):
     q, k, v, e, inv, out, bias = residuals
     p = e * inv
-    dv = jnp.einsum("bksq,bkqd->bksd", _untransposed(p), d_out)
+    dv = jnp.einsum("bksq,bkqd->bksd", untransposed(p), d_out)
     dp = jnp.einsum("bkqd,bksd->bkqs", d_out, v)
     ds = p * (dp - jnp.sum(d_out * out, -1, keepdims=True))
     dq = jnp.einsum("bkqs,bksd->bkqd", ds, k)
-    dk = jnp.einsum("bksq,bkqd->bksd", _untransposed(ds), q)
+    dk = jnp.einsum("bksq,bkqd->bksd", untransposed(ds), q)
     return dq, dk, dv, jnp.zeros_like(bias)
 
 

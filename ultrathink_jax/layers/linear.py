@@ -1,6 +1,7 @@
 import math
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -27,3 +28,46 @@ class Linear(nn.Module):
         k = math.prod(self.shape[:self.n_in])
         y = x.reshape(-1, k).astype(self.dtype) @ kernel.reshape(k, -1).astype(self.dtype)
         return y.reshape(*x.shape[:x.ndim - self.n_in], *self.shape[self.n_in:])
+
+
+def untransposed(x):
+    """x [..., a, b] -> its transpose [..., b, a], materialised on CPU, for a matmul that contracts x's axis a. A
+    batched matmul contracting the leading (row) axis of both operands, as every weight or key/value gradient does
+    (x^T dy), runs on Eigen on XLA:CPU, not YNNPACK, and XLA folds a plain transpose back into such a matmul; the
+    barrier keeps the copy, and the matmul becomes an ordinary one (attention fwd + bwd 1.1-1.25x faster,
+    BENCHMARKS.md round 7). Other backends' matmuls take transposed operands natively: there x^T is left to XLA."""
+    x = jnp.swapaxes(x, -1, -2)
+    return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
+
+
+@jax.custom_vjp
+def batched_matmul(a, b):
+    """a [n, t, d] @ b [n, d, f] -> [n, t, f], with the gradient in b computed as untransposed(a) @ dy."""
+    return jnp.einsum("ntd,ndf->ntf", a, b)
+
+
+def _batched_matmul_fwd(a, b):
+    return batched_matmul(a, b), (a, b)
+
+
+def _batched_matmul_bwd(residuals, dy):
+    a, b = residuals
+    return (_sum_over_extra_axes(jnp.einsum("ntf,ndf->ntd", dy, b), a),
+            _sum_over_extra_axes(jnp.einsum("ndt,ntf->ndf", untransposed(a), dy), b))
+
+
+def _sum_over_extra_axes(cotangent, primal):
+    """Inside shard_map, a cotangent that varies over mesh axes its primal does not (a replicated operand times a
+    sharded one) holds per-shard partial sums: psum them, as autodiff's own transpose of the implicit pvary does."""
+    extra = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
+    return jax.lax.psum(cotangent, extra) if extra else cotangent
+
+
+batched_matmul.defvjp(_batched_matmul_fwd, _batched_matmul_bwd)
+
+
+def _varying_axes(x) -> frozenset:
+    """The shard_map mesh axes x varies over (empty outside shard_map): `manual_axis_type.varying` in jax 0.10,
+    `vma` in earlier releases."""
+    aval = jax.typeof(x)
+    return aval.manual_axis_type.varying if hasattr(aval, "manual_axis_type") else frozenset(getattr(aval, "vma", ()))

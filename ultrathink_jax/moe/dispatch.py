@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
+from ultrathink_jax.layers.linear import batched_matmul
+
 Activation = Callable[[jax.Array], jax.Array]
 
 
@@ -163,9 +165,9 @@ def _tiled_experts(x, order, flat_expert, group_sizes, k, wi_gate, wi_up, wo, ac
     tiles = _take_rows(x, row_token, row_of_assignment).reshape(n_tiles, tile, d)
     tile_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(n_tiles) * tile, side="right"),
                               n_experts - 1)  # tiles past the last group are all padding
-    h = act(jnp.einsum("ntd,ndf->ntf", tiles, wi_gate[tile_expert])) * jnp.einsum("ntd,ndf->ntf", tiles,
-                                                                                  wi_up[tile_expert])
-    out_rows = jnp.einsum("ntf,nfd->ntd", h, wo[tile_expert]).reshape(n_tiles * tile, d)
+    # batched_matmul: each tile's weight gradient (tile^T dy) as an ordinary matmul on CPU, see `untransposed`
+    h = act(batched_matmul(tiles, wi_gate[tile_expert])) * batched_matmul(tiles, wi_up[tile_expert])
+    out_rows = batched_matmul(h, wo[tile_expert]).reshape(n_tiles * tile, d)
     return _take_rows(out_rows, row_of_assignment, assignment_of_row)
 
 

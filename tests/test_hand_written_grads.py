@@ -1,4 +1,5 @@
-"""The float32 attention's hand-written backward (`softmax_attention_f32`) against autodiff of the textbook form."""
+"""Hand-written backward passes against autodiff: the float32 attention's (`softmax_attention_f32`) and the MoE
+tiles' batched matmul (`layers.linear.batched_matmul`), and that their matmuls have untransposed operands on CPU."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from ultrathink_jax.layers.attention import attention_mask, grouped_attention, mask_bias
+from ultrathink_jax.layers.linear import batched_matmul
 
 
 def textbook_attention(q, k, v, mask, scale):
@@ -42,16 +44,36 @@ def test_gradients_equal_autodiff_of_the_textbook_form(n_heads, n_kv_heads, pref
         np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")
 
 
-def test_the_backward_has_no_transposed_operand_matmul_on_cpu():
-    """Every batched matmul of the attention's fwd + bwd contracts the last axis of its left operand: XLA:CPU runs
-    the others (a contraction over the leading query axis, as P^T dO and dS^T Q are) on Eigen, not YNNPACK."""
+def assert_every_matmul_contracts_the_lhs_last_axis(hlo: str, n_dots: int):
+    """XLA:CPU runs a batched matmul contracting another axis of its left operand (the leading row axis, as
+    P^T dO, dS^T Q and tile^T dy do) on Eigen, not YNNPACK."""
+    dots = [line for line in hlo.splitlines() if " dot(" in line]
+    assert len(dots) >= n_dots, dots
+    for line in dots:
+        lhs_rank = line.split("dot(")[0].split("[")[1].split("]")[0].count(",") + 1  # output rank = lhs rank here
+        assert f"lhs_contracting_dims={{{lhs_rank - 1}}}" in line, line
+
+
+def test_the_attention_backward_has_no_transposed_operand_matmul_on_cpu():
     q = jnp.zeros((2, 16, 4, 8), jnp.float32)
     k = v = jnp.zeros((2, 16, 2, 8), jnp.float32)
     mask = attention_mask(jnp.arange(16), jnp.arange(16), jnp.ones((2, 16), jnp.int32), jnp.ones((2, 16), jnp.int32), 0)
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(grouped_attention(q, k, v, mask, 0.3)), argnums=(0, 1, 2)))
-    hlo = grad.lower(q, k, v).compile().as_text()
-    dots = [line for line in hlo.splitlines() if " dot(" in line]
-    assert len(dots) >= 6, dots  # 2 forward, 4 backward
-    for line in dots:
-        lhs_rank = line.split("dot(")[0].split("[")[1].split("]")[0].count(",") + 1  # output rank = lhs rank here
-        assert f"lhs_contracting_dims={{{lhs_rank - 1}}}" in line, line
+    assert_every_matmul_contracts_the_lhs_last_axis(grad.lower(q, k, v).compile().as_text(), 6)  # 2 fwd, 4 bwd
+
+
+def test_batched_matmul_gradients_equal_autodiff_and_use_untransposed_operands():
+    rng = np.random.default_rng(1)
+    a = jnp.asarray(rng.normal(size=(5, 16, 8)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(5, 8, 12)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(5, 16, 12)), jnp.float32)
+
+    def grads(fn):
+        return jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(w * jnp.tanh(fn(a, b))), argnums=(0, 1)))
+
+    (ours, (da, db)), (ref, (ref_da, ref_db)) = (grads(batched_matmul)(a, b),
+                                                 grads(lambda a, b: jnp.einsum("ntd,ndf->ntf", a, b))(a, b))
+    np.testing.assert_allclose(ours, ref, rtol=1e-6)
+    np.testing.assert_allclose(da, ref_da, atol=1e-5)
+    np.testing.assert_allclose(db, ref_db, atol=1e-5)
+    assert_every_matmul_contracts_the_lhs_last_axis(grads(batched_matmul).lower(a, b).compile().as_text(), 3)
