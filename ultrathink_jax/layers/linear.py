@@ -34,8 +34,9 @@ def untransposed(x):
     """x [..., a, b] -> its transpose [..., b, a], materialised on CPU, for a matmul that contracts x's axis a. A
     batched matmul contracting the leading (row) axis of both operands, as every weight or key/value gradient does
     (x^T dy), runs on Eigen on XLA:CPU, not YNNPACK, and XLA folds a plain transpose back into such a matmul; the
-    barrier keeps the copy, and the matmul becomes an ordinary one (attention fwd + bwd 1.1-1.25x faster,
-    BENCHMARKS.md round 7). Other backends' matmuls take transposed operands natively: there x^T is left to XLA."""
+    barrier keeps the copy, and the matmul becomes an ordinary one (attention fwd + bwd 1.1-1.25x faster, the
+    dropless MoE step 0.93x -> 1.01x the capacity step's speed: BENCHMARKS.md round 7). Other backends' matmuls
+    take transposed operands natively: there x^T is left to XLA."""
     x = jnp.swapaxes(x, -1, -2)
     return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
 
@@ -56,14 +57,14 @@ def _batched_matmul_bwd(residuals, dy):
             _sum_over_extra_axes(jnp.einsum("ndt,ntf->ndf", untransposed(a), dy), b))
 
 
+batched_matmul.defvjp(_batched_matmul_fwd, _batched_matmul_bwd)
+
+
 def _sum_over_extra_axes(cotangent, primal):
     """Inside shard_map, a cotangent that varies over mesh axes its primal does not (a replicated operand times a
     sharded one) holds per-shard partial sums: psum them, as autodiff's own transpose of the implicit pvary does."""
     extra = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
     return jax.lax.psum(cotangent, extra) if extra else cotangent
-
-
-batched_matmul.defvjp(_batched_matmul_fwd, _batched_matmul_bwd)
 
 
 def _varying_axes(x) -> frozenset:
