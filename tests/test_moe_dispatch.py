@@ -143,7 +143,7 @@ def test_gradients_reach_every_expert_weight_and_the_combine_weights(fn):
         assert np.isfinite(np.asarray(g)).all() and (per_expert > 0).all(), (name, per_expert)
 
 
-@pytest.mark.parametrize("impl, tile", [("tiled", 5), ("tiled", 64), ("gather", 64)])  # tiled: several partial
+@pytest.mark.parametrize("impl, tile", [("tiled", 5), ("tiled", 64), ("gather", 64), ("dense", 64)])  # tiled: several partial
 def test_cpu_grouped_matmuls_equal_ragged_dot_in_value_and_gradient(monkeypatch, impl, tile):  # tiles; one for all
     monkeypatch.setattr(dispatch, "GROUP_TILE", tile)
     x, index, weight, *w = problem(seed=3)
@@ -162,22 +162,30 @@ def test_cpu_grouped_matmuls_equal_ragged_dot_in_value_and_gradient(monkeypatch,
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
-def test_grouped_matmul_impl_gathers_only_for_few_assignments_on_cpu():
-    limit = dispatch.GATHER_MAX_PER_EXPERT * E
-    assert dispatch.grouped_matmul_impl(limit, E) == "gather"
-    assert dispatch.grouped_matmul_impl(limit + 1, E) == "tiled"
+def test_grouped_matmul_impl_on_cpu_gathers_below_e_assignments_then_runs_all_experts_then_tiles():
+    assert dispatch.grouped_matmul_impl(E - 1, E, K) == "gather"
+    assert dispatch.grouped_matmul_impl(E, E, K) == "dense"
+    # dense multiplies tokens x E rows, tiled assignments + E x min(GROUP_TILE, assignments)
+    tokens = [n for n in range(1, 2000) if n * E > dispatch.DENSE_ROWS_RATIO * (n * K + E * dispatch.GROUP_TILE)][0]
+    assert dispatch.grouped_matmul_impl((tokens - 1) * K, E, K) == "dense"
+    assert dispatch.grouped_matmul_impl(tokens * K, E, K) == "tiled"
 
 
-def test_dropless_at_decode_shape_gathers_without_sorting_and_equals_the_loop():
+@pytest.mark.parametrize("rows, impl", [(1, "gather"), (B, "dense")])  # 2 assignments < E = 4 <= 4
+def test_dropless_at_decode_shapes_runs_without_sorting_and_equals_the_loop(monkeypatch, rows, impl):
     x, index, weight, *w = problem(seed=5)
-    x, index, weight = x[:, :1], index[:, :1], weight[:, :1]  # one token per row: B * k = 4 <= 2E assignments
-    args = (x, index, weight, np.ones((B, 1), bool), *w)
+    x, index, weight = x[:rows, :1], index[:rows, :1], weight[:rows, :1]  # one token per row: rows x k assignments
+    assert dispatch.grouped_matmul_impl(rows * K, E, K) == impl
+    picked = []
+    real = dispatch.grouped_matmul_impl
+    monkeypatch.setattr(dispatch, "grouped_matmul_impl", lambda *shape: picked.append(real(*shape)) or picked[-1])
+    args = (x, index, weight, np.ones((rows, 1), bool), *w)
     run = jax.jit(lambda *a: dispatch.dropless(*a, jax.nn.silu))
     y, dropped = run(*args)
-    jaxpr = str(jax.make_jaxpr(run)(*args))
-    assert " sort[" not in jaxpr and " gather[" in jaxpr, "the decode shape must take the gather path"
+    assert picked == [impl], picked
+    assert " sort[" not in str(jax.make_jaxpr(run)(*args)), "the decode shapes must not sort"
     ref = np.zeros(x.shape)
-    for b in range(B):
+    for b in range(rows):
         for j in range(K):
             e = index[b, 0, j]
             h = np_silu(x[b, 0] @ w[0][e]) * (x[b, 0] @ w[1][e])

@@ -17,11 +17,11 @@ from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.losses import cross_entropy
 from ultrathink_jax.model import Transformer
 from ultrathink_jax.moe import inactive_expert_params, moe_loss
-from ultrathink_jax.moe.dispatch import GATHER_MAX_PER_EXPERT, GROUP_TILE
+from ultrathink_jax.moe.dispatch import DENSE_ROWS_RATIO, GROUP_TILE
 from ultrathink_jax.params import abstract_params, param_count
 
 TITLE = "MoE: dropless vs capacity dispatch vs dense with equal active parameters (training fwd+bwd)"
-DECODE_BATCHES = (1, 8, 16)
+DECODE_BATCHES = (1, 4, 8, 16, 64, 128, 256)
 DECODE_STEPS = 64
 RAGGED = "moe dropless (ragged_dot, forced)"
 
@@ -120,22 +120,25 @@ def _decode_step_fn(config: ModelConfig, batch: int):
     return jax.jit(steps), (params, x)
 
 
-def _decode_rows(config: ModelConfig, repeats: int) -> list[str]:
-    """Per batch: the layer's decode step with the CPU rule's choice vs the tiled path forced, interleaved."""
+DECODE_IMPLS = ("gather", "dense", "tiled")
+
+
+def _decode_rows(config: ModelConfig, repeats: int, batches) -> list[str]:
+    """Per batch: the layer's decode step with each CPU implementation forced, interleaved, and the rule's pick."""
     from ultrathink_jax.moe import dispatch
 
     rows = []
-    for batch in DECODE_BATCHES:
+    original = dispatch.grouped_matmul_impl
+    for batch in batches:
         n_assign = batch * config.n_experts_per_tok
         compiled = {}
-        for impl, limit in (("gather", n_assign), ("tiled", 0)):  # GATHER_MAX_PER_EXPERT read at trace time
-            original = dispatch.GATHER_MAX_PER_EXPERT
-            dispatch.GATHER_MAX_PER_EXPERT = limit / config.n_experts
+        for impl in DECODE_IMPLS:  # read at trace time
+            dispatch.grouped_matmul_impl = lambda *shape, impl=impl: impl
             try:
                 fn, args = _decode_step_fn(config, batch)
                 jax.block_until_ready(fn(*args))
             finally:
-                dispatch.GATHER_MAX_PER_EXPERT = original
+                dispatch.grouped_matmul_impl = original
             compiled[impl] = (fn, args)
         times = {impl: [] for impl in compiled}
         for _ in range(repeats):
@@ -144,9 +147,10 @@ def _decode_rows(config: ModelConfig, repeats: int) -> list[str]:
                 jax.block_until_ready(fn(*args))
                 times[impl].append((time.perf_counter() - start) / DECODE_STEPS)
         us = {impl: 1e6 * float(np.median(t)) for impl, t in times.items()}
-        chosen = dispatch.grouped_matmul_impl(n_assign, config.n_experts)
-        rows.append(f"| {batch} | {n_assign} | {chosen} | {us['gather']:.0f} | {us['tiled']:.0f} | "
-                    f"{us['tiled'] / us['gather']:.2f}x |")
+        chosen = original(n_assign, config.n_experts, config.n_experts_per_tok)
+        fastest = min(us, key=us.get)
+        rows.append(f"| {batch} | {n_assign} | {chosen} | " + " | ".join(f"{us[i]:.0f}" for i in DECODE_IMPLS) +
+                    f" | {fastest} | {us[chosen] / us[fastest]:.2f}x |")
     return rows
 
 
@@ -180,15 +184,16 @@ def run(quick: bool) -> str:
             f"useful work and drop overflow. 1-minute load average {os.getloadavg()[0]:.1f} at the end (shared "
             f"2-core machine: compare the ratios, measured in one run).")
     decode = ["| batch (1 token each) | assignments (B x k) | CPU rule picks | gather (us/step, median) | "
-              "tiled (us/step, median) | gather speed-up |", "|---|---:|---|---:|---:|---:|",
-              *_decode_rows(moe, repeats)]
+              "dense (us/step) | tiled (us/step) | fastest | picked / fastest |", "|---|---:|---|---:|---:|---:|---|---:|",
+              *_decode_rows(moe, repeats, DECODE_BATCHES[:2] if quick else DECODE_BATCHES)]
     decode_what = (f"One MoE layer of the same model decoding: {DECODE_STEPS} steps of [batch, 1, {moe.d_model}] in "
                    f"one jitted loop (each step's output, normalised, is the next input, so routing changes every "
-                   f"step), median of {repeats} interleaved runs, per step. 'gather' copies each assignment's "
-                   f"expert weights and does batched mat-vecs (`moe.dispatch._gathered_experts`); 'tiled' is the "
-                   f"training path forced. `dispatch.grouped_matmul_impl` picks gather up to {GATHER_MAX_PER_EXPERT} "
-                   f"assignments per expert (B x k <= {GATHER_MAX_PER_EXPERT * moe.n_experts} here): "
-                   f"in the decode engine, where the gather also slices the layer's weights out of the stacked "
-                   f"layers, gather measured slower than tiled at 4E assignments (see `grouped_matmul_impl`).")
+                   f"step), median of {repeats} interleaved runs, per step, each implementation forced. 'gather' "
+                   f"copies each assignment's expert weights and does batched mat-vecs "
+                   f"(`moe.dispatch._gathered_experts`); 'dense' runs every expert on every token and picks the "
+                   f"assignments' rows (`_all_experts`, E / k = {moe.n_experts // moe.n_experts_per_tok}x the useful "
+                   f"FLOPs, no weight copies); 'tiled' is the training path. `dispatch.grouped_matmul_impl` picks "
+                   f"gather below E = {moe.n_experts} assignments, then dense while it multiplies at most "
+                   f"{DENSE_ROWS_RATIO}x the rows tiled does, then tiled.")
     return "\n".join(rows) + "\n\n" + what + "\n\n" + "\n".join(decode) + "\n\n" + decode_what
 

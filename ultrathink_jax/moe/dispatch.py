@@ -6,8 +6,9 @@ where `dropped` counts valid token-expert assignments that were not computed.
 
 - `dropless`: every assignment is computed. Assignments are sorted by expert and the three projections
   are grouped matmuls: `jax.lax.ragged_dot` on GPU/TPU (no FLOP wasted on padding), and on CPU, where
-  ragged_dot becomes a dense product over all experts, a tiled batched matmul (`_tiled_experts`); on CPU a few
-  assignments (decode) skip the sort and gather each one's expert weights instead (`grouped_matmul_impl` says
+  ragged_dot becomes a dense product over all experts, a tiled batched matmul (`_tiled_experts`); on CPU fewer
+  assignments than experts (decode at batch 1) skip the sort and gather each one's expert weights instead, and up
+  to a few hundred (decode at larger batches) every expert runs on every token (`grouped_matmul_impl` says
   which, by static shape). Under a mesh it runs
   in `shard_map`: each device sorts and computes its own tokens (the batch axes, `expert` included, act as
   data parallelism) with the expert weights gathered ZeRO-3 style and their intermediate size split over
@@ -73,27 +74,38 @@ def _mesh_axes(mesh, logical: str, size: int) -> tuple[str, ...]:
 
 
 GROUP_TILE = 64  # rows per tile of the tiled grouped matmul: each expert's group is padded to a multiple of it
-GATHER_MAX_PER_EXPERT = 2  # CPU: up to B*T*k <= 2E assignments, gather each one's expert weights
+# CPU: `dense` while it multiplies at most this many times the rows `tiled` does (measured on moe_default, one layer
+# decoding: dense 1.13x faster at 256 assignments, where it multiplies 1.33x the rows, tiled 1.05x at 512 and 2x)
+DENSE_ROWS_RATIO = 1.5
 
 
-def grouped_matmul_impl(n_assignments: int, n_experts: int) -> str:
-    """How `dropless` runs the experts, by static shape. `ragged_dot` where the backend has a native grouped matmul
-    (GPU, TPU). On CPU (XLA lowers ragged_dot to a masked dense product over all experts, E x the FLOPs):
-    `gather` for at most GATHER_MAX_PER_EXPERT x E assignments (decode: B x k per step), else `tiled`. Both copy
-    expert weights: `gather` one [D, F] set per assignment, `tiled` one per tile, at least E + 1 tiles. In the
-    decode engine on moe_default (CPU time per step, one thread) `gather` took 0.5-0.7 ms against 1.2-1.8 for
-    `tiled` at 2 assignments, 3.2-4.4 against 4.2-4.4 at 2E, and 8.4 against 5.4 at 4E (BENCHMARKS.md, MoE)."""
+def grouped_matmul_impl(n_assignments: int, n_experts: int, k: int) -> str:
+    """How `dropless` runs the experts, by static shape (n_assignments = tokens x k). `ragged_dot` where the backend
+    has a native grouped matmul (GPU, TPU). On CPU, where XLA lowers ragged_dot to a masked dense product over all
+    experts, the cost is in copying and reading expert weights at small shapes and in multiplied rows at large ones:
+    - `gather` below E assignments: each assignment's [D, F] weights copied (fewer copies than there are experts);
+    - `dense` from E assignments while it multiplies at most DENSE_ROWS_RATIO x the rows `tiled` does: every expert
+      applied to every token (E x tokens rows, each expert's weights read once, no copies), the assignments' rows
+      then picked out;
+    - `tiled` beyond: assignments sorted into row tiles, one weight copy per tile (>= assignments + E x tile rows).
+    One MoE layer of moe_default decoding, us per step (BENCHMARKS.md, MoE): 2 assignments gather 36 / dense 199 /
+    tiled 214; 8: 203 / 258 / 286; 16: 340 / 270 / 377; 128: 2172 / 743 / 1041; 512: 12979 / 1804 / 1710."""
     if jax.default_backend() in ("gpu", "tpu"):
         return "ragged_dot"
-    return "gather" if n_assignments <= GATHER_MAX_PER_EXPERT * n_experts else "tiled"
+    if n_assignments < n_experts:
+        return "gather"
+    tiled_rows = n_assignments + n_experts * min(GROUP_TILE, n_assignments)
+    return "dense" if n_assignments // k * n_experts <= DENSE_ROWS_RATIO * tiled_rows else "tiled"
 
 
 def _dropless_local(x, index, weight, wi_gate, wi_up, wo, act: Activation, out_dtype=None, impl=None):
     b, t, d = x.shape
     k = index.shape[-1]
     n_experts = wi_gate.shape[0]
-    impl = impl or grouped_matmul_impl(b * t * k, n_experts)
-    if impl == "gather":  # few assignments: no sort
+    impl = impl or grouped_matmul_impl(b * t * k, n_experts, k)
+    if impl == "dense":
+        out = _all_experts(x.reshape(b * t, d), index.reshape(b * t, k), wi_gate, wi_up, wo, act)
+    elif impl == "gather":  # fewer assignments than experts: no sort
         out = _gathered_experts(x.reshape(b * t, d), index.reshape(b * t, k), wi_gate, wi_up, wo, act)
     else:
         out = _sorted_experts(x.reshape(b * t, d), index.reshape(-1), k, wi_gate, wi_up, wo, act, impl)
@@ -114,8 +126,17 @@ def _sorted_experts(x, flat_expert, k, wi_gate, wi_up, wo, act: Activation, impl
     return out_sorted[inverse]  # gather back (cheaper to differentiate than scatter-add)
 
 
+def _all_experts(x, index, wi_gate, wi_up, wo, act: Activation):
+    """Every expert on every token ([E, N, D]), then each assignment's row picked: E / k x the useful FLOPs, but
+    each expert's weights are read once and never copied. x [N, D], index [N, k] -> [N * k, D]."""
+    n, k = index.shape
+    h = act(jnp.einsum("nd,edf->enf", x, wi_gate)) * jnp.einsum("nd,edf->enf", x, wi_up)
+    y = jnp.einsum("enf,efd->end", h, wo)
+    return y[index.reshape(-1), jnp.repeat(jnp.arange(n), k)]  # assignment a = token * k + choice
+
+
 def _gathered_experts(x, index, wi_gate, wi_up, wo, act: Activation):
-    """Few tokens: each assignment's expert weights gathered ([N * k, D, F]) and batched mat-vecs, no sort.
+    """Fewer assignments than experts: each one's expert weights gathered ([N * k, D, F]), batched mat-vecs, no sort.
     x [N, D], index [N, k] -> [N * k, D]. One batch axis: XLA:CPU ran the [N, k]-batched form 10x slower."""
     xs = jnp.repeat(x, index.shape[-1], axis=0)  # assignment a = token * k + choice
     expert = index.reshape(-1)
