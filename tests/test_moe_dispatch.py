@@ -162,33 +162,33 @@ def test_cpu_grouped_matmuls_equal_ragged_dot_in_value_and_gradient(monkeypatch,
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
-def test_grouped_matmul_impl_on_cpu_gathers_below_e_assignments_then_runs_all_experts_then_tiles():
-    assert dispatch.grouped_matmul_impl(E - 1, E, K) == "gather"
-    assert dispatch.grouped_matmul_impl(E, E, K) == "dense"
+def test_grouped_matmul_impl_on_cpu_gathers_up_to_e_assignments_then_runs_all_experts_then_tiles():
+    assert dispatch.grouped_matmul_impl(E, E, K) == "gather"
+    assert dispatch.grouped_matmul_impl(E + 1, E, K) == "dense"
     # dense multiplies tokens x E rows, tiled assignments + E x min(GROUP_TILE, assignments)
     tokens = [n for n in range(1, 2000) if n * E > dispatch.DENSE_ROWS_RATIO * (n * K + E * dispatch.GROUP_TILE)][0]
     assert dispatch.grouped_matmul_impl((tokens - 1) * K, E, K) == "dense"
     assert dispatch.grouped_matmul_impl(tokens * K, E, K) == "tiled"
 
 
-@pytest.mark.parametrize("rows, impl", [(1, "gather"), (B, "dense")])  # 2 assignments < E = 4 <= 4
-def test_dropless_at_decode_shapes_runs_without_sorting_and_equals_the_loop(monkeypatch, rows, impl):
+@pytest.mark.parametrize("tokens, impl", [(1, "gather"), (2, "dense")])  # B x tokens x k = 4 (<= E = 4) or 8
+def test_dropless_at_decode_shapes_runs_without_sorting_and_equals_the_loop(monkeypatch, tokens, impl):
     x, index, weight, *w = problem(seed=5)
-    x, index, weight = x[:rows, :1], index[:rows, :1], weight[:rows, :1]  # one token per row: rows x k assignments
-    assert dispatch.grouped_matmul_impl(rows * K, E, K) == impl
+    x, index, weight = x[:, :tokens], index[:, :tokens], weight[:, :tokens]
     picked = []
     real = dispatch.grouped_matmul_impl
     monkeypatch.setattr(dispatch, "grouped_matmul_impl", lambda *shape: picked.append(real(*shape)) or picked[-1])
-    args = (x, index, weight, np.ones((rows, 1), bool), *w)
+    args = (x, index, weight, np.ones((B, tokens), bool), *w)
     run = jax.jit(lambda *a: dispatch.dropless(*a, jax.nn.silu))
     y, dropped = run(*args)
     assert picked == [impl], picked
     assert " sort[" not in str(jax.make_jaxpr(run)(*args)), "the decode shapes must not sort"
     ref = np.zeros(x.shape)
-    for b in range(rows):
-        for j in range(K):
-            e = index[b, 0, j]
-            h = np_silu(x[b, 0] @ w[0][e]) * (x[b, 0] @ w[1][e])
-            ref[b, 0] += weight[b, 0, j] * (h @ w[2][e])
+    for b in range(B):
+        for t in range(tokens):
+            for j in range(K):
+                e = index[b, t, j]
+                h = np_silu(x[b, t] @ w[0][e]) * (x[b, t] @ w[1][e])
+                ref[b, t] += weight[b, t, j] * (h @ w[2][e])
     np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5)
     assert float(dropped) == 0.0

@@ -193,7 +193,7 @@ def run(quick: bool) -> str:
                    f"(`moe.dispatch._gathered_experts`); 'dense' runs every expert on every token and picks the "
                    f"assignments' rows (`_all_experts`, E / k = {moe.n_experts // moe.n_experts_per_tok}x the useful "
                    f"FLOPs, no weight copies); 'tiled' is the training path. `dispatch.grouped_matmul_impl` picks "
-                   f"gather below E = {moe.n_experts} assignments, then dense while it multiplies at most "
+                   f"gather up to E = {moe.n_experts} assignments, then dense while it multiplies at most "
                    f"{DENSE_ROWS_RATIO}x the rows tiled does, then tiled.")
     return "\n".join(rows) + "\n\n" + what + "\n\n" + "\n".join(decode) + "\n\n" + decode_what
 

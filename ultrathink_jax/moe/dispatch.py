@@ -6,8 +6,8 @@ where `dropped` counts valid token-expert assignments that were not computed.
 
 - `dropless`: every assignment is computed. Assignments are sorted by expert and the three projections
   are grouped matmuls: `jax.lax.ragged_dot` on GPU/TPU (no FLOP wasted on padding), and on CPU, where
-  ragged_dot becomes a dense product over all experts, a tiled batched matmul (`_tiled_experts`); on CPU fewer
-  assignments than experts (decode at batch 1) skip the sort and gather each one's expert weights instead, and up
+  ragged_dot becomes a dense product over all experts, a tiled batched matmul (`_tiled_experts`); on CPU no more
+  assignments than experts (decode at small batches) skip the sort and gather each one's expert weights instead, and up
   to a few hundred (decode at larger batches) every expert runs on every token (`grouped_matmul_impl` says
   which, by static shape). Under a mesh it runs
   in `shard_map`: each device sorts and computes its own tokens (the batch axes, `expert` included, act as
@@ -75,7 +75,7 @@ def _mesh_axes(mesh, logical: str, size: int) -> tuple[str, ...]:
 
 GROUP_TILE = 64  # rows per tile of the tiled grouped matmul: each expert's group is padded to a multiple of it
 # CPU: `dense` while it multiplies at most this many times the rows `tiled` does (measured on moe_default, one layer
-# decoding: dense 1.13x faster at 256 assignments, where it multiplies 1.33x the rows, tiled 1.05x at 512 and 2x)
+# decoding: dense 1.05x faster at 256 assignments, where it multiplies 1.33x the rows, tiled 1.10x at 512 and 2x)
 DENSE_ROWS_RATIO = 1.5
 
 
@@ -83,16 +83,16 @@ def grouped_matmul_impl(n_assignments: int, n_experts: int, k: int) -> str:
     """How `dropless` runs the experts, by static shape (n_assignments = tokens x k). `ragged_dot` where the backend
     has a native grouped matmul (GPU, TPU). On CPU, where XLA lowers ragged_dot to a masked dense product over all
     experts, the cost is in copying and reading expert weights at small shapes and in multiplied rows at large ones:
-    - `gather` below E assignments: each assignment's [D, F] weights copied (fewer copies than there are experts);
-    - `dense` from E assignments while it multiplies at most DENSE_ROWS_RATIO x the rows `tiled` does: every expert
+    - `gather` up to E assignments: each assignment's [D, F] weights copied (no more copies than there are experts);
+    - `dense` above E assignments while it multiplies at most DENSE_ROWS_RATIO x the rows `tiled` does: every expert
       applied to every token (E x tokens rows, each expert's weights read once, no copies), the assignments' rows
       then picked out;
     - `tiled` beyond: assignments sorted into row tiles, one weight copy per tile (>= assignments + E x tile rows).
-    One MoE layer of moe_default decoding, us per step (BENCHMARKS.md, MoE): 2 assignments gather 36 / dense 199 /
-    tiled 214; 8: 203 / 258 / 286; 16: 340 / 270 / 377; 128: 2172 / 743 / 1041; 512: 12979 / 1804 / 1710."""
+    One MoE layer of moe_default decoding, us per step (BENCHMARKS.md, MoE): 2 assignments gather 38 / dense 193 /
+    tiled 200; 8 (= E): 188 / 250 / 289; 16: 333 / 281 / 388; 128: 2101 / 727 / 1025; 512: 12542 / 1954 / 1769."""
     if jax.default_backend() in ("gpu", "tpu"):
         return "ragged_dot"
-    if n_assignments < n_experts:
+    if n_assignments <= n_experts:
         return "gather"
     tiled_rows = n_assignments + n_experts * min(GROUP_TILE, n_assignments)
     return "dense" if n_assignments // k * n_experts <= DENSE_ROWS_RATIO * tiled_rows else "tiled"
@@ -136,7 +136,7 @@ def _all_experts(x, index, wi_gate, wi_up, wo, act: Activation):
 
 
 def _gathered_experts(x, index, wi_gate, wi_up, wo, act: Activation):
-    """Fewer assignments than experts: each one's expert weights gathered ([N * k, D, F]), batched mat-vecs, no sort.
+    """No more assignments than experts: each one's expert weights gathered ([N * k, D, F]), batched mat-vecs, no sort.
     x [N, D], index [N, k] -> [N * k, D]. One batch axis: XLA:CPU ran the [N, k]-batched form 10x slower."""
     xs = jnp.repeat(x, index.shape[-1], axis=0)  # assignment a = token * k + choice
     expert = index.reshape(-1)
