@@ -143,8 +143,9 @@ def test_gradients_reach_every_expert_weight_and_the_combine_weights(fn):
         assert np.isfinite(np.asarray(g)).all() and (per_expert > 0).all(), (name, per_expert)
 
 
-@pytest.mark.parametrize("impl, tile", [("tiled", 5), ("tiled", 64), ("gather", 64), ("dense", 64)])  # tiled: several partial
-def test_cpu_grouped_matmuls_equal_ragged_dot_in_value_and_gradient(monkeypatch, impl, tile):  # tiles; one for all
+# tiled at tile 5: several partial tiles; at 64: one tile for all
+@pytest.mark.parametrize("impl, tile", [("tiled", 5), ("tiled", 64), ("gather", 64), ("dense", 64)])
+def test_cpu_grouped_matmuls_equal_ragged_dot_in_value_and_gradient(monkeypatch, impl, tile):
     monkeypatch.setattr(dispatch, "GROUP_TILE", tile)
     x, index, weight, *w = problem(seed=3)
     index = np.where(index == 1, 0, index)  # uneven groups and an empty expert

@@ -184,7 +184,8 @@ def run(quick: bool) -> str:
             f"useful work and drop overflow. 1-minute load average {os.getloadavg()[0]:.1f} at the end (shared "
             f"2-core machine: compare the ratios, measured in one run).")
     decode = ["| batch (1 token each) | assignments (B x k) | CPU rule picks | gather (us/step, median) | "
-              "dense (us/step) | tiled (us/step) | fastest | picked / fastest |", "|---|---:|---|---:|---:|---:|---|---:|",
+              "dense (us/step) | tiled (us/step) | fastest | picked / fastest |",
+              "|---|---:|---|---:|---:|---:|---|---:|",
               *_decode_rows(moe, repeats, DECODE_BATCHES[:2] if quick else DECODE_BATCHES)]
     decode_what = (f"One MoE layer of the same model decoding: {DECODE_STEPS} steps of [batch, 1, {moe.d_model}] in "
                    f"one jitted loop (each step's output, normalised, is the next input, so routing changes every "

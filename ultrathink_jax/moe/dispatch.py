@@ -7,9 +7,9 @@ where `dropped` counts valid token-expert assignments that were not computed.
 - `dropless`: every assignment is computed. Assignments are sorted by expert and the three projections
   are grouped matmuls: `jax.lax.ragged_dot` on GPU/TPU (no FLOP wasted on padding), and on CPU, where
   ragged_dot becomes a dense product over all experts, a tiled batched matmul (`_tiled_experts`); on CPU no more
-  assignments than experts (decode at small batches) skip the sort and gather each one's expert weights instead, and up
-  to a few hundred (decode at larger batches) every expert runs on every token (`grouped_matmul_impl` says
-  which, by static shape). Under a mesh it runs
+  assignments than experts (decode at small batches) skip the sort and gather each one's expert weights instead,
+  and up to a few hundred (decode at larger batches) every expert runs on every token (`grouped_matmul_impl`
+  says which, by static shape). Under a mesh it runs
   in `shard_map`: each device sorts and computes its own tokens (the batch axes, `expert` included, act as
   data parallelism) with the expert weights gathered ZeRO-3 style and their intermediate size split over
   `tensor` (partial sums reduced with psum). Sorting the global batch instead would make every device
@@ -75,7 +75,7 @@ def _mesh_axes(mesh, logical: str, size: int) -> tuple[str, ...]:
 
 GROUP_TILE = 64  # rows per tile of the tiled grouped matmul: each expert's group is padded to a multiple of it
 # CPU: `dense` while it multiplies at most this many times the rows `tiled` does (measured on moe_default, one layer
-# decoding: dense 1.05x faster at 256 assignments, where it multiplies 1.33x the rows, tiled 1.10x at 512 and 2x)
+# decoding: dense 1.04x faster at 256 assignments, where it multiplies 1.33x the rows, tiled 1.10x at 512 and 2x)
 DENSE_ROWS_RATIO = 1.5
 
 
@@ -88,8 +88,8 @@ def grouped_matmul_impl(n_assignments: int, n_experts: int, k: int) -> str:
       applied to every token (E x tokens rows, each expert's weights read once, no copies), the assignments' rows
       then picked out;
     - `tiled` beyond: assignments sorted into row tiles, one weight copy per tile (>= assignments + E x tile rows).
-    One MoE layer of moe_default decoding, us per step (BENCHMARKS.md, MoE): 2 assignments gather 38 / dense 193 /
-    tiled 200; 8 (= E): 188 / 250 / 289; 16: 333 / 281 / 388; 128: 2101 / 727 / 1025; 512: 12542 / 1954 / 1769."""
+    One MoE layer of moe_default decoding, us per step (BENCHMARKS.md, MoE): 2 assignments gather 39 / dense 191 /
+    tiled 204; 8 (= E): 193 / 251 / 292; 16: 320 / 275 / 374; 128: 2161 / 796 / 1122; 512: 13369 / 2048 / 1868."""
     if jax.default_backend() in ("gpu", "tpu"):
         return "ragged_dot"
     if n_assignments <= n_experts:
@@ -105,7 +105,7 @@ def _dropless_local(x, index, weight, wi_gate, wi_up, wo, act: Activation, out_d
     impl = impl or grouped_matmul_impl(b * t * k, n_experts, k)
     if impl == "dense":
         out = _all_experts(x.reshape(b * t, d), index.reshape(b * t, k), wi_gate, wi_up, wo, act)
-    elif impl == "gather":  # fewer assignments than experts: no sort
+    elif impl == "gather":  # no more assignments than experts: no sort
         out = _gathered_experts(x.reshape(b * t, d), index.reshape(b * t, k), wi_gate, wi_up, wo, act)
     else:
         out = _sorted_experts(x.reshape(b * t, d), index.reshape(-1), k, wi_gate, wi_up, wo, act, impl)
