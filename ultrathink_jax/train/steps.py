@@ -133,13 +133,13 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, sched
             (grad_sum, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grad_sum)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm, learning_rate = optax.tree.norm(grads), schedule(state.step)
         # A non-finite loss or gradient (an overflowing batch, a diverging learning rate) skips the update, on the
         # device: params and optimizer state stay as they were, so nothing non-finite is ever checkpointed. Decided
         # before the update, so the update runs in place inside the `cond`: selecting between the new and the old
-        # state afterwards kept both alive and cost a pass over params, mu and nu (BENCHMARKS.md, round 7). With a
-        # finite gradient and learning rate the update is finite; `train.loop` stops if the parameters still are not.
-        ok = jnp.isfinite(sums["ce_sum"]) & jnp.isfinite(grad_norm) & jnp.isfinite(schedule(state.step))
+        # state afterwards cost a pass over params, mu and nu (BENCHMARKS.md, round 7). With a finite gradient and
+        # learning rate the update is finite; `train.loop` stops if the parameters still are not.
+        ok = jnp.isfinite(sums["ce_sum"]) & jnp.isfinite(grad_norm) & jnp.isfinite(learning_rate)
 
         def update(params, opt_state):
             updates, opt_state = tx.update(grads, opt_state, params)
@@ -155,7 +155,7 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, sched
             "loss": sums["ce_sum"] / denom,  # token-weighted mean cross-entropy (the number perplexity uses)
             "grad_norm": grad_norm,  # before clipping
             "param_norm": param_norm,  # after the step (the old parameters' when it was skipped)
-            "learning_rate": schedule(state.step),
+            "learning_rate": learning_rate,
             "tokens": sums["weight_sum"],
             "skipped": ~ok,
         }
