@@ -24,6 +24,7 @@ from ultrathink_jax.train.run import resolve_model_config
 from ultrathink_jax.train.state import init_state
 from ultrathink_jax.train.steps import global_batch
 
+LONG_SEQ_LEN = 1024
 TITLE = "Training throughput: JAX train step vs the PyTorch twin (eager and torch.compile)"
 
 
@@ -55,8 +56,13 @@ def cases(quick: bool) -> list[Case]:
     dense_eq.model.update(dict(n_experts=0, d_ff=k_ff))
     capacity = moe_default.get_config()
     capacity.model.moe_dispatch = "capacity"
+    long = default.get_config()  # the same tokens per step as long rows: where attention's cost shows
+    long.model.max_seq_len = LONG_SEQ_LEN
+    long.data.update(dict(seq_len=LONG_SEQ_LEN, global_batch_size=long.data.global_batch_size * long.data.seq_len
+                          // LONG_SEQ_LEN))
     return [Case("default (configs/default.py)", default.get_config()),
             Case("width 512 (4 layers, 8/4 heads, d_ff 1408)", wide),
+            Case(f"default at seq {LONG_SEQ_LEN} ({long.data.global_batch_size} x {LONG_SEQ_LEN})", long),
             Case(f"moe_default as dense (d_ff {k_ff})", dense_eq),
             Case("moe_default dropless", moe),
             Case(f"moe_default capacity {capacity.model.capacity_factor}", capacity, twin=False)]
@@ -78,8 +84,9 @@ class JaxStep:
         self.mesh = sharding.make_mesh(dict(config.mesh))
         optim = sections()["optim"]
         optim.update(dict(config.optim))
+        # z-loss off and no LayerSkip: the twin has neither. The CPU layout knobs are the config's, as in training.
         self.fns = step_functions(self.model, tuple(sorted(optim.items())), 1000, config.train.grad_accum, 0.0,
-                                  self.mesh)
+                                  self.mesh, None, config.train.logits_chunk_mib, config.train.row_groups)
         with sharding.activate(self.mesh):
             self.state = init_state(self.model, self.fns.tx, self.mesh, 0)
         self.params0 = jax.device_get(self.state.params)  # exported for the twin before any step
@@ -206,7 +213,8 @@ def run(quick: bool) -> str:
                         f"{r['first_loss'][name]:.4f} |")
     end_load = os.getloadavg()[0]
     notes = (f"\n\nfloat32, one device, AdamW with global-norm clipping (the trainer's optim defaults), synthetic "
-             f"uniform tokens, batch x seq_len of each config (16 x 128). Median of {repeats} interleaved steps per "
+             f"uniform tokens, batch x seq_len of each config (16 x 128; the seq-{LONG_SEQ_LEN} case has the same "
+             f"tokens per step in longer rows). Median of {repeats} interleaved steps per "
              f"implementation after 2 warm-up steps; 'vs compiled twin' = twin torch.compile step time / this step "
              f"time (>1 = faster than the compiled twin). First-step loss: each implementation's first step on "
              f"the same batch from the same exported weights (equal losses = the same computation). MFU = tokens/s"

@@ -6,7 +6,7 @@ from flax import linen as nn
 
 from ultrathink_jax.config import ModelConfig
 from ultrathink_jax.layers.init import residual_out_init, weight_init
-from ultrathink_jax.layers.linear import Linear, untransposed
+from ultrathink_jax.layers.linear import Linear, transposed_result, untransposed
 from ultrathink_jax.layers.rotary import apply_rope
 
 NEG_INF = -1e30  # finite: a fully masked row (never produced for real tokens) stays NaN-free
@@ -31,31 +31,60 @@ def mask_bias(mask):
     return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
 
 
-def grouped_attention(q, k, v, mask, scale):
+# Causal attention without a cache skips the key blocks after each query block: a block of queries [a, e) sees keys
+# [0, e) only (and, with a window w, from a - w + 1). At most 8 blocks of at least 128 rows: the default model's
+# CPU train step at T = 512 / 1024 / 2048 1.1x / 1.7x / 2.0x faster; smaller blocks cost more in per-matmul overhead
+# than they save (32-row blocks at T = 128 made the step 8% slower; BENCHMARKS.md, train profile round 8).
+CAUSAL_BLOCK_MIN_ROWS = 128
+CAUSAL_MAX_BLOCKS = 8
+
+
+def causal_blocks(T: int, sliding_window: int) -> list[tuple[int, int, int]]:
+    """(first query, end query, first key) of each query block of causal attention over T positions; the block's
+    keys end where its queries do."""
+    n = max(1, min(CAUSAL_MAX_BLOCKS, T // CAUSAL_BLOCK_MIN_ROWS))
+    bounds = [i * T // n for i in range(n + 1)]
+    return [(a, e, max(0, a - sliding_window + 1) if sliding_window else 0) for a, e in zip(bounds, bounds[1:])]
+
+
+def grouped_attention(q, k, v, mask, scale, causal: bool = False, sliding_window: int = 0):
     """Softmax attention for the XLA path: q [B, T, H, hd], k/v [B, S, K, hd], mask [B, 1, T, S] boolean or an
     additive float bias. Computed heads-major, as batched matmuls over (B, K): the G = H / K query heads sharing a KV
     head are stacked along the query axis (GQA without repeating K/V), so each matmul is [G*T, hd] x [hd, S] in the
     layout XLA:CPU's batched matmul wants (fewer layout copies than contracting [B, T, K, G, hd] in place). Scores
-    and softmax are float32."""
+    and softmax are float32. `causal`: queries and keys are the same T positions and `mask` hides every later key
+    (and, with `sliding_window`, every key that far back), so the hidden blocks are not computed (`causal_blocks`)."""
     B, T, H, hd = q.shape
     S, K = k.shape[1], k.shape[2]
     G = H // K
+    if causal and S != T:
+        raise ValueError(f"causal attention needs as many keys as queries, got {S} keys for {T} queries")
     # float32 (the CPU training path) avoids two scores-sized broadcasts that XLA:CPU would materialise, because it
     # fuses elementwise ops into its matmuls only with full-size operands: the scale goes on q ([T, hd] per head)
     # instead of the [T, S] scores, and the softmax is normalised after the PV matmul (as flash attention does), so
     # 1 / sum divides [T, hd]. Other dtypes keep the textbook order: an extra bf16 rounding of q or of the
     # unnormalised probabilities moves bf16 logits measurably (parity_tests/test_jax_bf16.py).
     fast = q.dtype == jnp.float32
-    q = (q * scale if fast else q).reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
+    q = (q * scale if fast else q).reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, hd]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, hd]
     bias = mask if jnp.issubdtype(mask.dtype, jnp.floating) else mask_bias(mask)
-    if fast:
-        out = softmax_attention_f32(q, k, v, bias)
-    else:
-        scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax((scores * scale).reshape(B, K, G, T, S) + bias[:, :, None], axis=-1)
-        out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(B, K, G * T, S).astype(v.dtype), v)
-    return out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+    blocks = causal_blocks(T, sliding_window) if causal else [(0, T, 0)]
+    outs = []
+    for first_q, end_q, first_k in blocks:
+        end_k = end_q if causal else S
+        q_block = q[:, :, :, first_q:end_q].reshape(B, K, G * (end_q - first_q), hd)
+        k_block, v_block = k[:, :, first_k:end_k], v[:, :, first_k:end_k]
+        bias_block = bias[:, :, first_q:end_q, first_k:end_k]
+        if fast:
+            out = softmax_attention_f32(q_block, k_block, v_block, bias_block)
+        else:
+            t, s = end_q - first_q, end_k - first_k
+            scores = jnp.einsum("bkqd,bksd->bkqs", q_block, k_block, preferred_element_type=jnp.float32)
+            probs = jax.nn.softmax((scores * scale).reshape(B, K, G, t, s) + bias_block[:, :, None], axis=-1)
+            out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(B, K, G * t, s).astype(v.dtype), v_block)
+        outs.append(out.reshape(B, K, G, end_q - first_q, hd))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
 def _exp_scores(q, k, bias):
@@ -86,11 +115,15 @@ def _softmax_attention_fwd(q, k, v, bias):
 def _softmax_attention_bwd(residuals, d_out):
     q, k, v, e, inv, out, bias = residuals
     p = e * inv
-    dv = jnp.einsum("bksq,bkqd->bksd", untransposed(p), d_out)
+    # dV = P^T dO and dK = dS^T Q contract the scores' row axis. They are computed transposed, dV^T = dO^T P, so the
+    # transposes XLA:CPU needs (`untransposed`, `transposed_result`) are of the small [G*T, hd] and [hd, S] operands
+    # and results, not of the [G*T, S] scores (attention fwd + bwd alone 1.26x faster at T = 1024, 1.2x at 2048;
+    # the whole step 1.03x at T = 1024: BENCHMARKS.md, train profile round 8).
+    dv = transposed_result(jnp.einsum("bkdq,bkqs->bkds", untransposed(d_out), p))
     dp = jnp.einsum("bkqd,bksd->bkqs", d_out, v)
     ds = p * (dp - jnp.sum(d_out * out, -1, keepdims=True))
     dq = jnp.einsum("bkqs,bksd->bkqd", ds, k)
-    dk = jnp.einsum("bksq,bkqd->bksd", untransposed(ds), q)
+    dk = transposed_result(jnp.einsum("bkdq,bkqs->bkds", untransposed(q), ds))
     return dq, dk, dv, jnp.zeros_like(bias)
 
 
@@ -152,7 +185,8 @@ class Attention(nn.Module):
         # and the window exact. Only valid when queries and keys are the same positions (no cache).
         fast_causal = impl == "cudnn" and cache is None
         if impl == "xla":  # measured faster than jax.nn.dot_product_attention's XLA path on CPU (BENCHMARKS.md)
-            out = grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, hd ** -0.5)
+            out = grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, hd ** -0.5, causal=cache is None,
+                                    sliding_window=cfg.sliding_window)
         else:
             out = jax.nn.dot_product_attention(
                 q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=hd ** -0.5, implementation=impl,

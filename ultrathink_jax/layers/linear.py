@@ -41,6 +41,15 @@ def untransposed(x):
     return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
 
 
+def transposed_result(y):
+    """y [..., a, b] (a matmul's result) -> [..., b, a], transposed after the matmul on CPU: without the barrier XLA
+    folds the transpose into the matmul by swapping its operands, which gives back the transposed-operand form
+    `untransposed` avoids."""
+    if jax.default_backend() != "cpu":
+        return jnp.swapaxes(y, -1, -2)
+    return jnp.swapaxes(jax.lax.optimization_barrier(y), -1, -2)
+
+
 @jax.custom_vjp
 def batched_matmul(a, b):
     """a [n, t, d] @ b [n, d, f] -> [n, t, f], with the gradient in b computed as untransposed(a) @ dy."""

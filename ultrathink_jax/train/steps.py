@@ -10,6 +10,7 @@ gradients are not finite changes nothing but the step counter (metrics["skipped"
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import jax
@@ -67,14 +68,21 @@ def micro_batch_loss(config: ModelConfig, z_loss_weight: float, params, batch, r
     return objective, parts
 
 
-# `train.row_groups` = 0 on one CPU device: on a 2-core AVX2 host the default step 1.1x faster, width 512 1.05x; on a
-# 2-core AVX-512 host neutral within 2% (BENCHMARKS.md, train profile rounds 4 and 5)
+# `train.row_groups` = 0 on one CPU device: one group per core, at most 4. On a 2-core AVX-512 host 2 groups ran the
+# default step 1.06x faster than 4 and 1.05x faster than 1; at width 512 2 and 4 tie and beat 1 by 1.015x (one
+# process, interleaved: BENCHMARKS.md, train profile round 8).
 CPU_ROW_GROUPS = 4
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def resolve_row_groups(row_groups: int, config: ModelConfig, layerskip, rows: int) -> int:
-    """`train.row_groups`, 0 = auto: CPU_ROW_GROUPS (or the largest divisor of `rows` below it) for a dense model
-    without LayerSkip on a single CPU device, else 1. An explicit value must divide the micro-batch's rows."""
+    """`train.row_groups`, 0 = auto: one per core up to CPU_ROW_GROUPS (the largest divisor of `rows` up to that) for
+    a dense model without LayerSkip on a single CPU device, else 1. An explicit value must divide the micro-batch's
+    rows."""
     if row_groups:
         if rows % row_groups:
             raise ValueError(f"train.row_groups={row_groups} must divide the micro-batch's {rows} rows")
@@ -83,7 +91,7 @@ def resolve_row_groups(row_groups: int, config: ModelConfig, layerskip, rows: in
     # tokens it sees and LayerSkip draws one dropout mask per group: auto leaves both alone.
     if config.n_experts or layerskip is not None or jax.default_backend() != "cpu" or jax.device_count() != 1:
         return 1
-    return max(g for g in range(1, CPU_ROW_GROUPS + 1) if rows % g == 0)
+    return max(g for g in range(1, min(CPU_ROW_GROUPS, cpu_cores()) + 1) if rows % g == 0)
 
 
 def row_group_loss(config: ModelConfig, z_loss_weight: float, params, batch, rng, layerskip, step,
