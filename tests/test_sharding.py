@@ -49,6 +49,22 @@ def test_sharded_forward_and_gradients_equal_single_device(reference, axes):
         assert err < 1e-5, f"{jax.tree_util.keystr(path)}: max |grad diff| {err:.2e} on mesh {axes}"
 
 
+def test_sharded_causal_attention_blocks_equal_single_device_without_blocks(reference, monkeypatch):
+    """Causal query blocks (`layers.attention.causal_blocks`) slice the sequence axis of batch- and head-sharded
+    activations: on a tensor x fsdp mesh, 4 blocks of 4 rows give the one-device, one-block numbers."""
+    from ultrathink_jax.layers import attention
+
+    cfg, inputs, (value1, logits1, grads1) = reference  # 16 positions: one block by the default rule
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK_MIN_ROWS", 4)
+    assert len(attention.causal_blocks(16, 0)) == 4
+    mesh = sharding.make_mesh({"tensor": 2, "fsdp": 4})
+    value, logits, grads = loss_and_grads(cfg, init(cfg, mesh=mesh), mesh, inputs)
+    np.testing.assert_allclose(logits, logits1, atol=1e-5)
+    assert abs(float(value) - float(value1)) < 1e-5
+    for g, g1 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads1)):
+        assert float(np.abs(np.asarray(g) - np.asarray(g1)).max()) < 1e-5
+
+
 @pytest.mark.parametrize("axes,split", [({"fsdp": 8}, 8), ({"tensor": 2, "fsdp": 4}, 8),
                                         ({"data": 2, "fsdp": 2, "tensor": 2}, 4)])
 def test_large_weights_are_split_across_devices(reference, axes, split):
