@@ -17,7 +17,7 @@ from ultrathink_jax.model import Transformer
 @pytest.mark.parametrize("window", [0, 1, 50, 700])
 def test_causal_blocks_cover_every_visible_key(T, window):
     blocks = causal_blocks(T, window)
-    assert [b[0] for b in blocks][0] == 0 and blocks[-1][1] == T
+    assert blocks[0][0] == 0 and blocks[-1][1] == T
     assert all(prev[1] == nxt[0] for prev, nxt in zip(blocks, blocks[1:]))  # the query blocks tile [0, T)
     assert len(blocks) <= attention.CAUSAL_MAX_BLOCKS
     assert len(blocks) == 1 or min(e - a for a, e, _ in blocks) >= attention.CAUSAL_BLOCK_MIN_ROWS

@@ -70,7 +70,7 @@ def micro_batch_loss(config: ModelConfig, z_loss_weight: float, params, batch, r
 
 # `train.row_groups` = 0 on one CPU device: one group per core, at most 4. On a 2-core AVX-512 host 2 groups ran the
 # default step 1.06x faster than 4 and 1.05x faster than 1; at width 512 2 and 4 tie and beat 1 by 1.015x (one
-# process, interleaved: BENCHMARKS.md, train profile round 8).
+# process, interleaved: BENCHMARKS.md, train profile round 8). Hosts with more than 2 cores are not measured.
 CPU_ROW_GROUPS = 4
 
 
