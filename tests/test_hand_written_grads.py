@@ -1,5 +1,6 @@
-"""Hand-written backward passes against autodiff: the float32 attention's (`softmax_attention_f32`) and the MoE
-tiles' batched matmul (`layers.linear.batched_matmul`), and that their matmuls have untransposed operands on CPU."""
+"""Hand-written backward passes against autodiff: the float32 attention's (`softmax_attention_f32`), the MoE
+tiles' batched matmul (`layers.linear.batched_matmul`) and the small kernels' matmul
+(`layers.linear.small_kernel_matmul`), and that their matmuls have untransposed operands on CPU."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from ultrathink_jax.layers.attention import attention_mask, grouped_attention, mask_bias
-from ultrathink_jax.layers.linear import batched_matmul
+from ultrathink_jax.layers import linear
+from ultrathink_jax.layers.linear import batched_matmul, small_kernel_matmul
 
 
 def textbook_attention(q, k, v, mask, scale):
@@ -77,3 +79,29 @@ def test_batched_matmul_gradients_equal_autodiff_and_use_untransposed_operands()
     np.testing.assert_allclose(da, ref_da, atol=1e-5)
     np.testing.assert_allclose(db, ref_db, atol=1e-5)
     assert_every_matmul_contracts_the_lhs_last_axis(grads(batched_matmul).lower(a, b).compile().as_text(), 3)
+
+
+def test_small_kernel_matmul_gradients_equal_autodiff_and_use_untransposed_operands():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 24)), jnp.float32)
+    t = jnp.asarray(rng.normal(size=(32, 24)), jnp.float32)
+
+    def grads(fn):
+        return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(t * jnp.tanh(fn(x, w))), argnums=(0, 1)))
+
+    (ours, (dx, dw)), (ref, (ref_dx, ref_dw)) = grads(small_kernel_matmul)(x, w), grads(jnp.matmul)(x, w)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6)
+    np.testing.assert_allclose(dx, ref_dx, atol=1e-5)
+    np.testing.assert_allclose(dw, ref_dw, atol=1e-5)
+    assert_every_matmul_contracts_the_lhs_last_axis(grads(small_kernel_matmul).lower(x, w).compile().as_text(), 3)
+    assert "lhs_contracting_dims={0}" in grads(jnp.matmul).lower(x, w).compile().as_text()  # autodiff's x^T dy
+
+
+def test_linear_takes_the_small_kernel_path_only_for_small_kernels(monkeypatch):
+    calls = []
+    monkeypatch.setattr(linear, "small_kernel_matmul", lambda x, w: calls.append(w.shape) or x @ w)
+    linear.matmul(jnp.zeros((4, 16)), jnp.zeros((16, 8)))
+    monkeypatch.setattr(linear, "CPU_SMALL_KERNEL_ELEMENTS", 100)
+    linear.matmul(jnp.zeros((4, 16)), jnp.zeros((16, 8)))
+    assert calls == [(16, 8)]

@@ -26,8 +26,42 @@ class Linear(nn.Module):
         # XLA:CPU transposes the backward's operands into the layout its matmul wants, fused with the elementwise
         # gradients; 2-D operands need no copy (SwiGLU forward + backward measured 1.8x faster, BENCHMARKS.md).
         k = math.prod(self.shape[:self.n_in])
-        y = x.reshape(-1, k).astype(self.dtype) @ kernel.reshape(k, -1).astype(self.dtype)
+        y = matmul(x.reshape(-1, k).astype(self.dtype), kernel.reshape(k, -1).astype(self.dtype))
         return y.reshape(*x.shape[:x.ndim - self.n_in], *self.shape[self.n_in:])
+
+
+# Kernels up to this many elements get their weight gradient as untransposed(x) @ dy on CPU: the default model's
+# (at most 128 x 352) train step 1.03-1.04x faster in three in-process comparisons, `moe_default` as dense 1.06x;
+# width 512's kernels (131K-721K elements) were 0.98-0.995x that way and keep XLA's x^T dy (BENCHMARKS.md, train
+# profile round 8).
+CPU_SMALL_KERNEL_ELEMENTS = 1 << 16
+
+
+def matmul(x, w):
+    """x [n, k] @ w [k, m]. On CPU, for a small kernel, the backward's weight gradient is an ordinary matmul
+    (`small_kernel_matmul`, on YNNPACK) instead of the transposed-operand x^T dy, which XLA:CPU runs on Eigen's
+    multi-threaded dot. Chosen by the whole step's time: alone, on two cores, neither form wins every shape."""
+    if jax.default_backend() == "cpu" and w.size <= CPU_SMALL_KERNEL_ELEMENTS:
+        return small_kernel_matmul(x, w)
+    return x @ w
+
+
+@jax.custom_vjp
+def small_kernel_matmul(x, w):
+    """x @ w, with the gradient in w computed as untransposed(x) @ dy."""
+    return x @ w
+
+
+def _small_kernel_matmul_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _small_kernel_matmul_bwd(residuals, dy):
+    x, w = residuals
+    return dy @ w.T, untransposed(x) @ dy
+
+
+small_kernel_matmul.defvjp(_small_kernel_matmul_fwd, _small_kernel_matmul_bwd)
 
 
 def untransposed(x):
