@@ -1,5 +1,7 @@
 """The pure training step: token-weighted gradient accumulation, the weight-decay mask, schedules, dtypes."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -123,20 +125,30 @@ def test_aux_loss_free_bias_moves_by_the_rate_toward_balance_and_only_the_step_m
     assert np.abs(after).max() > 0
 
 
-def test_row_groups_give_the_same_step_as_one_group():
+MOE_ROUTER_LOSSES = dict(n_experts=4, n_experts_per_tok=2, router_aux_loss_weight=0.5, router_z_loss_weight=0.1)
+
+
+@pytest.mark.parametrize("config", [
+    CONFIG,
+    dataclasses.replace(CONFIG, **MOE_ROUTER_LOSSES),  # dropless, the balance loss pooled over layers
+    dataclasses.replace(CONFIG, **MOE_ROUTER_LOSSES, moe_dispatch="capacity", router_aux_loss_per_layer=True),
+], ids=["dense", "moe dropless", "moe capacity per-layer balance"])
+def test_row_groups_give_the_same_step_as_one_group(config):
+    """The MoE router losses are not sums over tokens: with groups they come from the groups' summed statistics,
+    so the step is the one-group step (a per-group balance loss, summed, differs by about 1e-3 here)."""
     mesh = sharding.make_mesh({}, jax.devices()[:1])
     tx = optax.sgd(1.0)  # the update exposes the gradient itself
     batch = packed_batch()
     with sharding.activate(mesh):
-        state = init_state(CONFIG, tx, mesh, seed=0)
+        state = init_state(config, tx, mesh, seed=0)
         results = {}
         for groups in (1, 4):
-            step = jit_train_step(make_train_step(CONFIG, tx, lambda s: 1.0, 2, z_loss_weight=1e-2,
-                                                  row_groups=groups), state_shardings(CONFIG, tx, mesh), mesh)
+            step = jit_train_step(make_train_step(config, tx, lambda s: 1.0, 2, z_loss_weight=1e-2,
+                                                  row_groups=groups), state_shardings(config, tx, mesh), mesh)
             results[groups] = jax.device_get(step(jax.tree.map(jnp.copy, state), global_batch(batch, mesh)))
     (one, m1), (four, m4) = results[1], results[4]
     assert m1["tokens"] == m4["tokens"]
-    for key in ("loss", "z_loss"):
+    for key in ("loss", "z_loss") + (("moe_loss",) if config.n_experts else ()):
         assert abs(float(m1[key]) - float(m4[key])) < 1e-6 * abs(float(m1[key])), (key, m1[key], m4[key])
     worst = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), one.params, four.params)))
     assert worst < 1e-6, f"largest gradient difference {worst:.3g}"
@@ -152,7 +164,9 @@ def test_row_groups_auto_only_where_groups_change_nothing(monkeypatch):
     assert steps.resolve_row_groups(0, CONFIG, None, 16) == steps.CPU_ROW_GROUPS  # at most 4
     assert steps.resolve_row_groups(0, CONFIG, None, 6) == 3  # the largest divisor of the rows up to 4
     moe = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=4)
-    assert steps.resolve_row_groups(0, moe, None, 16) == 1  # the balance loss is a mean over the tokens it sees
+    assert steps.resolve_row_groups(0, moe, None, 16) == 4  # router losses from the groups' summed statistics
+    jittered = dataclasses.replace(moe, router_jitter=0.1)
+    assert steps.resolve_row_groups(0, jittered, None, 16) == 1  # each group would draw its own jitter
     assert steps.resolve_row_groups(0, CONFIG, object(), 16) == 1  # LayerSkip: one dropout mask per group
     assert steps.resolve_row_groups(2, moe, None, 16) == 2  # an explicit value is taken as given
     with pytest.raises(ValueError, match="train.row_groups=3 must divide the micro-batch's 16 rows"):

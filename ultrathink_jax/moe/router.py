@@ -86,9 +86,11 @@ def pooled_z_loss(aux_moe: dict) -> jax.Array:
 def moe_loss(aux_moe: dict, config) -> jax.Array:
     """What the trainer adds to the LM loss: router_aux_loss_weight * load-balance loss (pooled over layers as
     transformers does, or the per-layer mean with `router_aux_loss_per_layer`) + router_z_loss_weight * z-loss.
-    `aux_moe` is the model's aux["moe"] for ONE (micro-)batch."""
-    balance = (jnp.mean(aux_moe["aux_loss"]) if config.router_aux_loss_per_layer
-               else pooled_load_balance_loss(aux_moe))
+    `aux_moe` is the model's aux["moe"] for ONE (micro-)batch, or its sums over parts of one batch: only the sums
+    are read, so the parts' summed statistics give the whole batch's loss (`train.steps.row_group_loss`)."""
+    balance = (jnp.mean(load_balance_loss(aux_moe["expert_counts"], aux_moe["router_prob_sum"],
+                                          aux_moe["n_valid"][..., None]))
+               if config.router_aux_loss_per_layer else pooled_load_balance_loss(aux_moe))
     return config.router_aux_loss_weight * balance + config.router_z_loss_weight * pooled_z_loss(aux_moe)
 
 

@@ -4,7 +4,8 @@
 `lax.scan` sums (loss sum, target-weight sum, gradients) over them; the sums are divided once by the total weight,
 so 4 micro-batches give exactly the gradient of one 4x batch (token-weighted mean cross-entropy). For MoE models
 the router loss (`ultrathink_jax.moe.moe_loss`, a per-batch mean) is added per micro-batch weighted by the
-micro-batch's target count, and the layers' router statistics are summed over micro-batches. A step whose loss or
+micro-batch's target count (computed from the router statistics summed over the micro-batch's row groups), and the
+layers' router statistics are summed over micro-batches. A step whose loss or
 gradients are not finite changes nothing but the step counter (metrics["skipped"]).
 """
 
@@ -40,10 +41,11 @@ def logits_chunk_bytes(logits_chunk_mib: float) -> float:
 
 
 def micro_batch_loss(config: ModelConfig, z_loss_weight: float, params, batch, rng, layerskip=None, step=None,
-                     logits_chunk_mib: float = 0.0):
+                     logits_chunk_mib: float = 0.0, with_moe_loss: bool = True):
     """(objective sum, parts): the objective is a *sum* over target tokens so micro-batches add up exactly.
     `layerskip` (a `train.layerskip.LayerSkipConfig`, None = off) adds exit losses and layer dropout. The head and
-    cross-entropy run fused, in chunks of the sequence (`losses.head_cross_entropy`, `train.logits_chunk_mib`)."""
+    cross-entropy run fused, in chunks of the sequence (`losses.head_cross_entropy`, `train.logits_chunk_mib`).
+    `with_moe_loss=False` leaves the router losses out (parts["moe"] still has the statistics: `add_moe_loss`)."""
     extra = {} if layerskip is None else layerskip_lib.model_inputs(layerskip, config, rng, step,
                                                                    batch["inputs"].shape[0])
     hidden, aux, _ = Transformer(config).apply(
@@ -59,18 +61,25 @@ def micro_batch_loss(config: ModelConfig, z_loss_weight: float, params, batch, r
     if z_loss_weight:
         parts["z_sum"] = z_sum
     if "moe" in aux:
-        moe_weighted = moe_loss(aux["moe"], config) * weight_sum
-        objective = objective + moe_weighted
-        parts["moe_loss_sum"] = moe_weighted
         parts["moe"] = aux["moe"]
+        if with_moe_loss:
+            objective, parts = add_moe_loss(config, objective, parts)
     if layerskip is not None:
         objective, parts = layerskip_lib.add_exit_losses(layerskip, config, aux, batch, step, objective, parts)
     return objective, parts
 
 
+def add_moe_loss(config: ModelConfig, objective, parts: dict):
+    """Adds the router losses, as a sum over the batch's target tokens (the mean loss x their weight), from the
+    router statistics in parts["moe"]."""
+    moe_weighted = moe_loss(parts["moe"], config) * parts["weight_sum"]
+    return objective + moe_weighted, {**parts, "moe_loss_sum": moe_weighted}
+
+
 # `train.row_groups` = 0 on one CPU device: one group per core, at most 4. On a 2-core AVX-512 host 2 groups ran the
 # default step 1.06x faster than 4 and 1.05x faster than 1; at width 512 2 and 4 tie and beat 1 by 1.015x (one
-# process, interleaved: BENCHMARKS.md, train profile round 8). Hosts with more than 2 cores are not measured.
+# process, interleaved: BENCHMARKS.md, train profile round 8); moe_default 1.08x (dropless) and 1.04x (capacity)
+# faster than 1 (round 9). Hosts with more than 2 cores are not measured.
 CPU_ROW_GROUPS = 4
 
 
@@ -81,15 +90,16 @@ def cpu_cores() -> int:
 
 def resolve_row_groups(row_groups: int, config: ModelConfig, layerskip, rows: int) -> int:
     """`train.row_groups`, 0 = auto: one per core up to CPU_ROW_GROUPS (the largest divisor of `rows` up to that) for
-    a dense model without LayerSkip on a single CPU device, else 1. An explicit value must divide the micro-batch's
+    a model without router jitter or LayerSkip on a single CPU device, else 1. An explicit value must divide the micro-batch's
     rows."""
     if row_groups:
         if rows % row_groups:
             raise ValueError(f"train.row_groups={row_groups} must divide the micro-batch's {rows} rows")
         return row_groups
-    # Groups change nothing for a dense loss (a sum over tokens), but the MoE balance loss is a mean over the
-    # tokens it sees and LayerSkip draws one dropout mask per group: auto leaves both alone.
-    if config.n_experts or layerskip is not None or jax.default_backend() != "cpu" or jax.device_count() != 1:
+    # Groups change nothing for the loss: a sum over tokens, and the router losses are computed once from the groups'
+    # summed statistics (`row_group_loss`). Random draws differ per group, so auto leaves router jitter and LayerSkip's
+    # layer dropout alone.
+    if config.router_jitter or layerskip is not None or jax.default_backend() != "cpu" or jax.device_count() != 1:
         return 1
     return max(g for g in range(1, min(CPU_ROW_GROUPS, cpu_cores()) + 1) if rows % g == 0)
 
@@ -102,8 +112,12 @@ def row_group_loss(config: ModelConfig, z_loss_weight: float, params, batch, rng
         return micro_batch_loss(config, z_loss_weight, params, batch, rng, layerskip, step, logits_chunk_mib)
     split = split_micro_batches(batch, groups)
     sums = [micro_batch_loss(config, z_loss_weight, params, {k: v[g] for k, v in split.items()},
-                             jax.random.fold_in(rng, g), layerskip, step, logits_chunk_mib) for g in range(groups)]
-    return jax.tree.map(lambda *parts: sum(parts[1:], parts[0]), *sums)
+                             jax.random.fold_in(rng, g), layerskip, step, logits_chunk_mib, with_moe_loss=False)
+            for g in range(groups)]
+    objective, parts = jax.tree.map(lambda *group_parts: sum(group_parts[1:], group_parts[0]), *sums)
+    # The router losses are not sums over tokens (the balance loss multiplies batch means): computed once from the
+    # groups' summed statistics, they are the whole batch's, as with one group.
+    return add_moe_loss(config, objective, parts) if "moe" in parts else (objective, parts)
 
 
 def split_micro_batches(batch: dict, n: int) -> dict:
