@@ -37,6 +37,12 @@ def test_train_bench_capacity_case_runs_without_a_twin(tiny_cases):
     assert set(r["step_s"]) == {"jax"}
 
 
+def test_train_bench_times_dropless_and_capacity_interleaved(tiny_cases):
+    pair = [tiny_cases["tiny moe dropless"], tiny_cases["tiny moe capacity"]]
+    times = bench_train.interleaved_jax_steps(pair, repeats=1, warmup=1)
+    assert set(times) == {"tiny moe dropless", "tiny moe capacity"} and all(t > 0 for t in times.values())
+
+
 def test_adaptive_bench_times_the_layerskip_step_against_the_plain_one():
     from ultrathink_jax.bench import adaptive
     from ultrathink_jax.train.layerskip import LayerSkipConfig
