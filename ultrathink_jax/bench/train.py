@@ -173,14 +173,9 @@ def measure(case: Case, repeats: int, warmup: int = 2, torch_compile: bool = Tru
         for i in range(1, warmup):
             run(batches[i % 2])
     peak_fn = metrics._measured_peak_flops.__wrapped__  # uncached: re-measured beside every repetition
-    times = {name: [] for name in runners}
     peaks = []
-    for i in range(repeats):
-        for name, run in runners.items():
-            times[name].append(_timed(run, batches[i % 2]))
-        peaks.append(peak_fn(jax.devices()[0]))
+    step_s = _interleaved_medians(runners, batches, repeats, lambda: peaks.append(peak_fn(jax.devices()[0])))
     tokens = config.data.global_batch_size * config.data.seq_len
-    step_s = {name: float(np.median(t)) for name, t in times.items()}
     return {"model": model, "tokens": tokens, "step_s": step_s, "first_loss": first_loss, "compile_s": compile_s,
             "peak": float(np.median(peaks)), "flops_per_token": metrics.flops_per_token(model, config.data.seq_len)}
 
@@ -196,10 +191,18 @@ def interleaved_jax_steps(cases_: list[Case], repeats: int, warmup: int = 2) -> 
     for step in steps.values():
         for i in range(warmup):
             step(batches[i % 2])
-    times = {name: [] for name in steps}
+    return _interleaved_medians(steps, batches, repeats)
+
+
+def _interleaved_medians(runners: dict, batches: list, repeats: int, after_each=None) -> dict[str, float]:
+    """Median seconds per runner over `repeats` rounds, each round one step of every runner in turn (alternating
+    batches), then `after_each()`."""
+    times = {name: [] for name in runners}
     for i in range(repeats):
-        for name, step in steps.items():
-            times[name].append(_timed(step, batches[i % 2]))
+        for name, run in runners.items():
+            times[name].append(_timed(run, batches[i % 2]))
+        if after_each:
+            after_each()
     return {name: float(np.median(t)) for name, t in times.items()}
 
 

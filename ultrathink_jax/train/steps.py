@@ -5,8 +5,8 @@
 so 4 micro-batches give exactly the gradient of one 4x batch (token-weighted mean cross-entropy). For MoE models
 the router loss (`ultrathink_jax.moe.moe_loss`, a per-batch mean) is added per micro-batch weighted by the
 micro-batch's target count (computed from the router statistics summed over the micro-batch's row groups), and the
-layers' router statistics are summed over micro-batches. A step whose loss or
-gradients are not finite changes nothing but the step counter (metrics["skipped"]).
+layers' router statistics are summed over micro-batches. A step whose loss or gradients are not finite changes
+nothing but the step counter (metrics["skipped"]).
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ def cpu_cores() -> int:
 
 def resolve_row_groups(row_groups: int, config: ModelConfig, layerskip, rows: int) -> int:
     """`train.row_groups`, 0 = auto: one per core up to CPU_ROW_GROUPS (the largest divisor of `rows` up to that) for
-    a model without router jitter or LayerSkip on a single CPU device, else 1. An explicit value must divide the micro-batch's
-    rows."""
+    a model without router jitter or LayerSkip on a single CPU device, else 1. An explicit value must divide the
+    micro-batch's rows."""
     if row_groups:
         if rows % row_groups:
             raise ValueError(f"train.row_groups={row_groups} must divide the micro-batch's {rows} rows")
