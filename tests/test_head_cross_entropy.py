@@ -86,6 +86,22 @@ def test_statistics_carry_no_gradient_and_a_bad_chunk_is_refused():
         losses.head_cross_entropy(hidden, kernel, targets, weights, vocab_major=True, dtype="float32", chunk_len=4)
 
 
+@pytest.mark.parametrize("vocab_major", [True, False])
+@pytest.mark.parametrize("chunk_len", [3, 6])  # a loop over 2 chunks, and one chunk
+def test_the_kernel_gradient_is_an_untransposed_matmul_on_cpu(vocab_major, chunk_len):
+    """Its rows-contracting matmul takes x^T materialised: XLA:CPU runs the transposed-operand form on Eigen."""
+    hidden = jnp.ones((2, 6, 4))
+    kernel = jnp.ones((8, 4) if vocab_major else (4, 8))
+    targets, weights = jnp.zeros((2, 6), jnp.int32), jnp.ones((2, 6))
+    grad = jax.jit(jax.grad(lambda h, k: losses.head_cross_entropy(h, k, targets, weights, vocab_major=vocab_major,
+                                                                   dtype="float32", chunk_len=chunk_len)[0],
+                            argnums=(0, 1)))
+    hlo = grad.lower(hidden, kernel).compile().as_text()
+    dots = [line for line in hlo.splitlines() if " dot(" in line]
+    assert len(dots) == 3, dots  # logits, the rows' gradient, the kernel's
+    assert all("lhs_contracting_dims={1}" in line for line in dots), dots
+
+
 def test_chunk_length_is_the_longest_divisor_within_the_budget():
     assert losses.logits_chunk_len(16, 128, 2048, 4 * 2 ** 20) == 32  # the default model's step on CPU
     assert losses.logits_chunk_len(16, 128, 2048, float("inf")) == 128
