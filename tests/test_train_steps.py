@@ -160,6 +160,10 @@ def test_row_groups_auto_only_where_groups_change_nothing(monkeypatch):
     monkeypatch.setattr(steps.jax, "device_count", lambda: 1)  # as in a one-device CPU run
     monkeypatch.setattr(steps, "cpu_cores", lambda: 2)
     assert steps.resolve_row_groups(0, CONFIG, None, 16) == 2  # one group per core
+    dropless = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, n_experts=4)
+    assert steps.resolve_row_groups(0, dropless, None, 16) == 4  # two per core: its tile matmuls use one core each
+    capacity = dataclasses.replace(dropless, moe_dispatch="capacity")
+    assert steps.resolve_row_groups(0, capacity, None, 16) == 2
     monkeypatch.setattr(steps, "cpu_cores", lambda: 16)
     assert steps.resolve_row_groups(0, CONFIG, None, 16) == steps.CPU_ROW_GROUPS  # at most 4
     assert steps.resolve_row_groups(0, CONFIG, None, 6) == 3  # the largest divisor of the rows up to 4
