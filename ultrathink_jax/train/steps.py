@@ -95,8 +95,8 @@ def cpu_cores() -> int:
 
 def resolve_row_groups(row_groups: int, config: ModelConfig, layerskip, rows: int) -> int:
     """`train.row_groups`, 0 = auto: one per core (two for dropless MoE) up to CPU_ROW_GROUPS (the largest divisor of
-    `rows` up to that) for a model without router jitter or LayerSkip on a single CPU device, else 1. An explicit value must divide the
-    micro-batch's rows."""
+    `rows` up to that) for a model without router jitter or LayerSkip on a single CPU device, else 1. An explicit
+    value must divide the micro-batch's rows."""
     if row_groups:
         if rows % row_groups:
             raise ValueError(f"train.row_groups={row_groups} must divide the micro-batch's {rows} rows")
