@@ -11,6 +11,8 @@ import pkgutil
 import sys
 import time
 
+import jax
+
 import ultrathink_jax.bench as bench_pkg
 from ultrathink_jax import cli
 from ultrathink_jax.bench import machine
@@ -38,8 +40,20 @@ def run_benchmarks(args: argparse.Namespace) -> int:
     unknown = sorted(set(names) - set(available()))
     if unknown:
         raise ConfigError(f"unknown benchmark(s) {unknown}; available: {available()}")
-    for name in names:
-        module = importlib.import_module(f"ultrathink_jax.bench.{name}")
+    modules = {name: importlib.import_module(f"ultrathink_jax.bench.{name}") for name in names}
+    # A benchmark that needs another backend (the GPU one) is skipped when running all, and its saved section is
+    # kept; asked for by name, it is an error.
+    backend = jax.default_backend()
+    elsewhere = [n for n, m in modules.items() if getattr(m, "REQUIRES_BACKEND", backend) != backend]
+    if elsewhere and args.only:
+        raise ConfigError(", ".join(f"benchmark {n!r} needs a {modules[n].REQUIRES_BACKEND} backend, this one is "
+                                    f"{backend}" for n in elsewhere))
+    for name in elsewhere:
+        print(f"== skipped {name}: needs a {modules[name].REQUIRES_BACKEND} backend, this one is {backend}",
+              file=sys.stderr, flush=True)
+    for name, module in modules.items():
+        if name in elsewhere:
+            continue
         print(f"== {module.TITLE}", file=sys.stderr, flush=True)
         section = (f"## {module.TITLE}\n\nMachine: {machine.describe()}; measured {time.strftime('%Y-%m-%d')} "
                    f"by `python -m launch.bench --only {name}`.\n\n{module.run(quick=args.quick)}\n")

@@ -122,6 +122,7 @@ CASES = [
                                                       "--prompts={prompts}", "--out={fresh}/cai"], "damaged_run"),
     # launch.bench
     ("bench-unknown-benchmark", "bench", ["--only=nope"], "unknown benchmark"),
+    ("bench-gpu-benchmark-on-cpu", "bench", ["--only=gpu"], "benchmark 'gpu' needs a gpu backend, this one is cpu"),
 ]
 SUBPROCESS_CASES = ("train-binary-file", "import-pickle-as-safetensors")
 

@@ -18,9 +18,11 @@ import numpy as np
 
 from ultrathink_jax.config import ModelConfig
 
-# Dense bf16 peak per device (no sparsity), from the vendors' data sheets; keys match jax's device_kind prefix.
+# Dense bf16 peak per device (no sparsity), from the vendors' data sheets; keys match jax's device_kind prefix, the
+# first match wins (the H100 PCIe and NVL cards before the SXM part, whose device_kind is "NVIDIA H100 80GB HBM3").
 PEAK_TFLOPS = {
-    "NVIDIA H200": 989.0, "NVIDIA H100": 989.0, "NVIDIA A100": 312.0, "NVIDIA L4": 121.0, "NVIDIA A10": 125.0,
+    "NVIDIA H200": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0, "NVIDIA H100": 989.0,
+    "NVIDIA A100": 312.0, "NVIDIA L4": 121.0, "NVIDIA A10": 125.0,
     "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0,
 }
 
@@ -67,10 +69,15 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> tuple[float, str]:
     if override_tflops:
         return override_tflops * 1e12, "configured log.peak_tflops"
     device = jax.local_devices()[0]  # jax.devices()[0] may belong to another process
-    for kind, tflops in PEAK_TFLOPS.items():
-        if device.device_kind.startswith(kind):
-            return tflops * 1e12, f"{kind} bf16 data sheet"
+    kind = datasheet_kind(device.device_kind)
+    if kind:
+        return PEAK_TFLOPS[kind] * 1e12, f"{kind} bf16 data sheet"
     return _measured_peak_flops(device), f"measured f32 matmul on {device.device_kind}"
+
+
+def datasheet_kind(device_kind: str) -> str:
+    """The PEAK_TFLOPS key a device_kind falls under ('' = none)."""
+    return next((kind for kind in PEAK_TFLOPS if device_kind.startswith(kind)), "")
 
 
 def mfu(tokens_per_second: float, flops_per_token_: float, peak_flops_total: float) -> float:
