@@ -20,12 +20,20 @@ def test_causal_blocks_cover_every_visible_key(T, window):
     assert blocks[0][0] == 0 and blocks[-1][1] == T
     assert all(prev[1] == nxt[0] for prev, nxt in zip(blocks, blocks[1:]))  # the query blocks tile [0, T)
     assert len(blocks) <= attention.CAUSAL_MAX_BLOCKS
-    assert len(blocks) == 1 or min(e - a for a, e, _ in blocks) >= attention.CAUSAL_BLOCK_MIN_ROWS
+    shortest = min(e - a for a, e, _ in blocks)
+    assert len(blocks) == 1 or shortest >= attention.CAUSAL_BLOCK_MIN_ROWS or (
+        len(blocks) == 2 and shortest >= attention.CAUSAL_HALF_MIN_ROWS)
     for first_q, end_q, first_k in blocks:
         # every query i in the block sees keys (i - window, i]: all inside [first_k, end_q)
         assert first_k <= (max(0, first_q - window + 1) if window else 0)
     if T == 1024 and not window:  # 8 blocks: 9/16 of the query-key products
         assert sum((e - a) * (e - k) for a, e, k in blocks) == 9 * T * T // 16
+
+
+@pytest.mark.parametrize("T, n_blocks", [(127, 1), (128, 2), (255, 2), (256, 2), (511, 3), (512, 4), (1024, 8),
+                                         (4096, 8)])
+def test_sequences_from_128_positions_are_cut_at_least_in_halves(T, n_blocks):
+    assert len(causal_blocks(T, 0)) == n_blocks
 
 
 def packed_inputs(B, T, n_heads, n_kv_heads, hd, dtype, seed=0):
