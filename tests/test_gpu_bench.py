@@ -92,3 +92,22 @@ def test_the_report_has_a_row_per_model_and_the_loss_check(monkeypatch):
     assert report.count("| small |") == 1 and report.count("| moe_small |") == 1
     assert "40% " in report and "30% " in report
     assert report.count("|gap| 0.00e+00 (within 0.001") == 2
+
+
+def test_a_failing_train_step_is_reported_and_the_xla_path_measured_instead(monkeypatch):
+    real_measure, real_losses = gpu.measure, gpu.mean_losses
+
+    def measure(config, repeats):
+        if config.model.attention_impl == "auto":  # as cuDNN's backward might on a GPU
+            raise ValueError("cuDNN says no\nsecond line")
+        return real_measure(config, repeats)
+
+    monkeypatch.setattr(gpu, "measure", measure)
+    monkeypatch.setattr(gpu, "mean_losses", lambda model, params, batch, impls: (_ for _ in ()).throw(
+        RuntimeError("no cuDNN here")))
+    report = gpu.run(quick=True)
+    for name in ("small", "moe_small"):
+        assert f"| {name} | | auto | failed: ValueError: cuDNN says no | | | | |" in report
+        assert f"| {name} | 0M | xla | " in report
+        assert f"- {name}: failed: RuntimeError: no cuDNN here" in report
+    assert "second line" not in report
