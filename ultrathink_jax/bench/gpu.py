@@ -154,8 +154,7 @@ def run(quick: bool) -> str:
             + "\n".join(f"- {c}" for c in checks)
             + f"\n\nbfloat16 compute, float32 params and AdamW state, {config.data.global_batch_size} packed rows x "
               f"{config.data.seq_len} tokens per step (grad_accum 1), the recipes' remat policy; median of {repeats} "
-              f"steps after 2 warm-up steps, each step synchronised by fetching its loss ('first step': the first call, "
-              f"compile included). MFU = tokens/s x "
-              f"`metrics.flops_per_token` (model FLOPs, the causal mask's savings not counted) / the {source} peak. "
-              f"The original claims {ORIGINAL_A100_TOKENS_PER_S:,} tokens/s for its 350M model on one A100, about 19% "
-              f"MFU.")
+              f"steps after 2 warm-up steps, each step synchronised by fetching its loss ('first step': the first "
+              f"call, compile included). MFU = tokens/s x `metrics.flops_per_token` (model FLOPs, the causal mask's "
+              f"savings not counted) / the {source} peak. The original claims {ORIGINAL_A100_TOKENS_PER_S:,} tokens/s "
+              f"for its 350M model on one A100, about 19% MFU.")
