@@ -95,7 +95,7 @@ def test_the_report_has_a_row_per_model_and_the_loss_check(monkeypatch):
 
 
 def test_a_failing_train_step_is_reported_and_the_xla_path_measured_instead(monkeypatch):
-    real_measure, real_losses = gpu.measure, gpu.mean_losses
+    real_measure = gpu.measure
 
     def measure(config, repeats):
         if config.model.attention_impl == "auto":  # as cuDNN's backward might on a GPU

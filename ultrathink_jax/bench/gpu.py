@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 
 import jax
 import numpy as np
 
 from ultrathink_jax import losses, metrics, sharding
-from ultrathink_jax.bench.train import JaxStep, _interleaved_medians
+from ultrathink_jax.bench.train import JaxStep, _interleaved_medians, _timed
 from ultrathink_jax.data import packing
 from ultrathink_jax.layers.attention import resolve_implementation
 from ultrathink_jax.model import Transformer
@@ -94,9 +93,7 @@ def measure(config, repeats: int, warmup: int = 2) -> dict:
     model = step.model
     rows, seq_len = config.data.global_batch_size, config.data.seq_len
     batches = [packed_batch(rows, seq_len, model.vocab_size, seed) for seed in range(2)]
-    start = time.perf_counter()
-    step(batches[0])
-    first_step_s = time.perf_counter() - start
+    first_step_s = _timed(step, batches[0])
     for i in range(1, warmup):
         step(batches[i % 2])
     step_s = _interleaved_medians({"jax": step}, batches, repeats)["jax"]
