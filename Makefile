@@ -12,7 +12,7 @@ LLAMA_VENV := .venv-llama
 LLAMA_STAMP := $(LLAMA_VENV)/.installed
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
-.PHONY: install train test bench clean
+.PHONY: install test-envs train test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,9 @@ train: $(STAMP)
 # Tests run in TEST_WORKERS processes (pytest-xdist), a whole file per worker so module fixtures are built once.
 TEST_WORKERS ?= 2
 
-test: $(STAMP) $(HF4_STAMP) $(LLAMA_STAMP)
+test-envs: $(STAMP) $(HF4_STAMP) $(LLAMA_STAMP)
+
+test: test-envs
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests parity_tests $(PYTEST_ARGS)
 
 bench: $(STAMP)

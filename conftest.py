@@ -24,19 +24,13 @@ import pytest  # noqa: E402
 # What some tests need beyond this venv. Missing ones FAIL (naming what and how to get it), never skip: a CI run
 # without them would otherwise pass while testing less. Tests call these helpers (`from conftest import ...`).
 REPO = Path(__file__).resolve().parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+TEST_DATA = REPO / "tests" / "data"  # the few real texts the tests read, shipped (licences in its README.md)
 
 
 def _require(path: Path, what: str, how: str) -> Path:
     if not path.exists():
         pytest.fail(f"{what} is missing: {path} does not exist; {how}", pytrace=False)
     return path
-
-
-def shared_data(relative: str) -> Path:
-    """A file of the shared data folder beside the checkout (../shared/data: tiny Shakespeare, WikiText-2, ...)."""
-    return _require(SHARED_DATA / relative, f"shared data file {relative}",
-                    f"put the shared data folder at {SHARED_DATA} (it holds the test corpora)")
 
 
 def extra_python(venv: str, env_var: str) -> Path:

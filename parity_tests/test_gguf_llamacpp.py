@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import extra_python, shared_data
+from conftest import TEST_DATA, extra_python
 from parity_tests import jax_models as jm
 from parity_tests.test_hf4_compat import random_params
 from parity_tests.tolerances import GGUF_LOGITS_REL, GGUF_Q8_0_LOGITS_REL
@@ -31,7 +31,7 @@ EDGE_TEXT = "def split(s, comments=False):\n    return <|endoftext|> h\u00e9llo 
 
 def real_text() -> str:
     """Wikitext-2 (a mix of prose, numbers, punctuation and non-ASCII) plus whitespace / special-token edge cases."""
-    return shared_data("wikitext-2/valid.txt").read_text(encoding="utf-8")[5000:7000] + EDGE_TEXT
+    return (TEST_DATA / "wikitext2_valid_excerpt.txt").read_text(encoding="utf-8") + EDGE_TEXT
 
 
 def tokenizers():

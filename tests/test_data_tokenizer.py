@@ -1,12 +1,12 @@
-"""Tokenizer: the shipped GPT-2 tokenizer (and the original files it was made from), trained byte-level BPE,
+"""Tokenizer: the shipped GPT-2 tokenizer (and the original files, rebuilt from it), trained byte-level BPE,
 save -> AutoTokenizer reload, clear errors."""
 
+import hashlib
 import json
 import re
 
 import pytest
 
-from conftest import shared_data
 from ultrathink_jax.data.errors import DataFileNotFoundError, TokenizerError
 from ultrathink_jax.data.tokenizer import BUILTIN, ENDOFTEXT, load_tokenizer, train_tokenizer
 
@@ -46,8 +46,30 @@ def test_unknown_builtin_tokenizer_names_the_shipped_ones():
         load_tokenizer("builtin:gpt3")
 
 
-def test_shipped_gpt2_tokenizer_encodes_as_the_original_vocab_and_merges_files():
-    gpt2 = shared_data("gpt2-tokenizer")
+# sha256 of GPT-2's original vocab.json and merges.txt (ultrathink_jax/assets/gpt2_tokenizer/README.md)
+GPT2_SHA256 = {"vocab.json": "3ba3c3109ff33976c4bd966589c11ee14fcaa1f4c9e5e154c2ed7f99d80709e7",
+               "merges.txt": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
+
+
+@pytest.fixture(scope="module")
+def gpt2_originals(tmp_path_factory):
+    """GPT-2's vocab.json and merges.txt rebuilt from the shipped tokenizer.json, byte for byte (sha256 checked):
+    the shipped tokenizer holds exactly the original vocabulary and merges, and the originals need not ship."""
+    model = json.loads((BUILTIN["gpt2"] / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    files = {"vocab.json": json.dumps(model["vocab"], separators=(",", ":"), ensure_ascii=False),
+             "merges.txt": "#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in model["merges"])}
+    out = tmp_path_factory.mktemp("gpt2")
+    for name, text in files.items():
+        (out / name).write_bytes(text.encode("utf-8"))
+    return out
+
+
+def test_shipped_gpt2_tokenizer_holds_the_original_vocab_and_merges_files(gpt2_originals):
+    assert {n: hashlib.sha256((gpt2_originals / n).read_bytes()).hexdigest() for n in GPT2_SHA256} == GPT2_SHA256
+
+
+def test_shipped_gpt2_tokenizer_encodes_as_the_original_vocab_and_merges_files(gpt2_originals):
+    gpt2 = gpt2_originals
     original = load_tokenizer(f"{gpt2 / 'vocab.json'},{gpt2 / 'merges.txt'}")
     text = SENTENCE + " " + " ".join(TEXTS[:3]) + ENDOFTEXT
     assert original.encode(text) == load_tokenizer("builtin:gpt2").encode(text)

@@ -1,14 +1,9 @@
-"""The conftest helpers that make a test needing ../shared/data, .venv-hf4 / .venv-llama or a test extra fail
+"""The conftest helpers that make a test needing .venv-hf4 / .venv-llama or a test extra fail
 (never skip) when it is missing, with a message naming what and how to get it."""
 
 import pytest
 
-from conftest import extra_python, required_module, shared_data
-
-
-def test_missing_shared_data_fails_naming_the_file_and_the_folder():
-    with pytest.raises(pytest.fail.Exception, match=r"shared data file no/such\.txt is missing: .*shared/data"):
-        shared_data("no/such.txt")
+from conftest import extra_python, required_module
 
 
 def test_missing_extra_python_fails_naming_the_make_target(monkeypatch):
