@@ -1,6 +1,7 @@
 """Adaptive depth: plain greedy vs CALM early exit vs self-speculative decoding, on two small models trained on
 tiny Shakespeare for the same steps, one with the LayerSkip loss (exits at every layer, rotating, layer dropout)
-and one without. Also the LayerSkip step's cost. Needs the shared data folder (../shared/data).
+and one without. Also the LayerSkip step's cost. Needs the corpus (`input.txt` of karpathy/char-rnn's
+data/tinyshakespeare, not shipped: 1.1 MB) named by $ULTRATHINK_TINYSHAKESPEARE.
 
 Early exit is scored honestly: every (measure, candidate layers) setting gets its threshold from the calibration
 half of the held-out rows, the setting with the largest calibration-half net saving is chosen there too, and only
@@ -17,8 +18,7 @@ import jax
 import numpy as np
 
 TITLE = "Adaptive depth: early exit and self-speculative decoding (with and without LayerSkip training)"
-REPO = pathlib.Path(__file__).resolve().parents[2]
-DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+DATA_ENV = "ULTRATHINK_TINYSHAKESPEARE"
 N_LAYERS = 8
 EXIT_SCALE = 2.0  # LayerSkip exit-loss scale (exit l weighs scale * (l + 1) / n_layers)
 THRESHOLDS = {"max_prob": (0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
@@ -143,11 +143,14 @@ def run(quick: bool) -> str:
     from ultrathink_jax.train import layerskip, train
     from ultrathink_jax.train.run import resolve_model_config
 
-    if not DATA.is_file():
-        raise FileNotFoundError(f"{DATA} is missing (the adaptive benchmark trains on tiny Shakespeare)")
+    data = os.environ.get(DATA_ENV, "")
+    if not pathlib.Path(data).is_file():
+        raise FileNotFoundError(f"the adaptive benchmark trains on tiny Shakespeare: ${DATA_ENV} must name its "
+                                f"input.txt (karpathy/char-rnn data/tinyshakespeare), got {data!r}")
+    data = pathlib.Path(data)
     load = os.getloadavg()[0]
     steps, repeats, n_new, rows = (20, 1, 32, 8) if quick else (STEPS, 5, 128, 64)
-    text = DATA.read_text()
+    text = data.read_text()
     cut = int(len(text) * 0.9)
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
