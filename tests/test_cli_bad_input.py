@@ -153,7 +153,7 @@ def world(tmp_path_factory):
     """Every input the rows refer to, built once (no training: a step-0 run and its export)."""
     from safetensors.numpy import load_file, save_file
 
-    from ultrathink_jax.hf.run import export_run
+    from ultrathink_jax.posttrain.export import export_any_run
 
     root = tmp_path_factory.mktemp("world")
     train, evaluation = write_corpus(root / "corpus")
@@ -166,7 +166,7 @@ def world(tmp_path_factory):
     shutil.copytree(run, damaged)
     (damaged / "checkpoints" / "0" / "params" / "_METADATA").write_bytes(b"{")
     hf = root / "hf"
-    export_run(run, hf)
+    export_any_run(run, hf)
     marker = root.parent / f"{root.name}-EXECUTED"
     paths = {"config": config, "run": run, "damaged_run": damaged, "hf": hf, "absent": root / "absent",
              "empty": root / "empty.txt", "binary": root / "binary.txt", "pickle": root / "weights.pkl",

@@ -55,7 +55,8 @@ def _post_config(init, train, eval_file, steps, **posttrain):
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    from ultrathink_jax.hf.run import export_run, import_run
+    from ultrathink_jax.hf.run import import_run
+    from ultrathink_jax.posttrain.export import export_any_run
     from ultrathink_jax.posttrain.loop import fine_tune
 
     root = tmp_path_factory.mktemp("posttrain")
@@ -63,7 +64,7 @@ def pipeline(tmp_path_factory):
     train_txt, _ = write_corpus(root / "corpus")
     base_cfg = tiny_config(train_txt, **{"model.max_seq_len": 64})
     make_run_dir(root / "scratch", base_cfg)
-    export_run(root / "scratch", root / "hf")  # a Hugging Face model to start from
+    export_any_run(root / "scratch", root / "hf")  # a Hugging Face model to start from
     import_run(root / "hf", root / "imported", base_cfg)
     sft_train, sft_eval = _write(root / "sft.jsonl", _conversations(rng, 64)), _write(root / "sft_eval.jsonl", _conversations(rng, 8))
     sft = fine_tune(_post_config(root / "imported", sft_train, sft_eval, 30), root / "sft", "sft")

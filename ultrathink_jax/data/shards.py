@@ -24,7 +24,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -185,13 +184,6 @@ def prepare(source, tokenizer: Tokenizer, out: str | os.PathLike, *, workers: in
     }
     atomic.write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def remove_incomplete(directory: str | os.PathLike) -> None:
-    """Deletes a directory of shards that has no manifest (an interrupted prepare)."""
-    d = Path(directory)
-    if d.is_dir() and read_manifest(d) is None:
-        shutil.rmtree(d)
 
 
 # ---------------------------------------------------------------------------------------------------- reading

@@ -234,10 +234,6 @@ def _qwen2_moe_layout(d, n_layers: int, d_ff: int, need) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------- tensors
 
-# How a JAX slice becomes the Hugging Face tensor; every inverse is `hf.T.reshape(jax_shape)` (or a plain reshape).
-LAYOUTS = ("copy", "transpose", "heads_in", "heads_out", "zeros")
-
-
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
     """One Hugging Face tensor <-> one slice `leaf[index]` of the JAX parameter at `jax_path`.

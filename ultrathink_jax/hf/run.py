@@ -1,5 +1,6 @@
-"""Training runs <-> Hugging Face directories: export a run's checkpoint, or turn an HF checkpoint into a run that
-`launch.train` resumes from (fine-tuning).
+"""Training runs <-> Hugging Face directories: the finiteness check of a run's export (which is
+`posttrain.export.export_any_run`), and an HF checkpoint turned into a run that `launch.train` resumes from
+(fine-tuning).
 
 An imported run directory is what `launch.train` would have left after step 0: the resolved config (model section
 from the HF config.json, everything else from the given training config), model_config.json, the HF tokenizer,
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ultrathink_jax.hf.export import DTYPES, ExportError, export_params, prepare_out_dir
+from ultrathink_jax.hf.export import ExportError
 from ultrathink_jax.hf.load import HFCheckpointNotFoundError, load_hf
 
 # Model fields that do not change the weights or the forward maths of the model: kept from the training config.
@@ -38,21 +39,6 @@ import ml_collections
 def get_config():
     return ml_collections.ConfigDict(json.loads((pathlib.Path(__file__).parent / "config.json").read_text()))
 '''
-
-
-def export_run(workdir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
-               dtype: str = "float32", overwrite: bool = False, **kwargs) -> Path:
-    """Exports checkpoint `step` (default: latest) of a training run, with its tokenizer."""
-    from ultrathink_jax.train.run import load_run_at
-
-    if dtype not in DTYPES:
-        raise ExportError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-    out = Path(out_dir)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:  # fail before restoring anything
-        raise ExportError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
-    run, step = load_run_at(workdir, step)
-    refuse_non_finite(run.params, workdir, step)
-    return export_params(run.params, run.model_config, out, dtype, run.tokenizer, overwrite=overwrite, **kwargs)
 
 
 def refuse_non_finite(params, workdir, step: int | None) -> None:
