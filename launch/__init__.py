@@ -1,0 +1,32 @@
+"""`python -m launch.X` (and `import launch.X`) in a checkout: the module ultrathink_jax/commands/X.py itself, the
+code the installed `ultrathink` command runs. launch/ holds no copy: an import finder maps each `launch.X` onto
+`ultrathink_jax.commands.X` (the same module object), and `-m` runs that file as __main__."""
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+
+TARGET = "ultrathink_jax.commands"
+
+
+class _Commands(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path=None, target=None):
+        parent, _, name = fullname.rpartition(".")
+        if parent != __name__ or importlib.util.find_spec(f"{TARGET}.{name}") is None:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        return importlib.import_module(f"{TARGET}.{spec.name.rpartition('.')[2]}")
+
+    def exec_module(self, module):  # already executed as ultrathink_jax.commands.X
+        pass
+
+    def get_code(self, fullname):  # runpy (`python -m launch.X`) runs the command's own file as __main__
+        target = f"{TARGET}.{fullname.rpartition('.')[2]}"
+        return importlib.util.find_spec(target).loader.get_code(target)
+
+
+if not any(isinstance(f, _Commands) for f in sys.meta_path):
+    sys.meta_path.insert(0, _Commands())

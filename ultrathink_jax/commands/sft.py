@@ -9,7 +9,7 @@ the ChatML default. Re-running with the same --workdir resumes.
 
 import sys
 
-from launch import posttrain_cli
+from ultrathink_jax.commands import posttrain_cli
 
 PROG = "launch.sft"
 

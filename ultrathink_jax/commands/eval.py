@@ -8,7 +8,7 @@ Scores every next-token pair of every document (the final partial row included),
 import argparse
 import sys
 
-from launch import common
+from ultrathink_jax.commands import common
 from ultrathink_jax import cli
 
 PROG = "launch.eval"

@@ -7,7 +7,7 @@ model (with LoRA: the base with adapters off). Logs loss, rewards/margin, reward
 
 import sys
 
-from launch import posttrain_cli
+from ultrathink_jax.commands import posttrain_cli
 
 PROG = "launch.dpo"
 

@@ -9,7 +9,7 @@ Re-running with the same workdir resumes from its latest checkpoint. Everything 
 import argparse
 import sys
 
-from launch import common
+from ultrathink_jax.commands import common
 from ultrathink_jax import cli
 from ultrathink_jax.config_files import parse_config_args
 
