@@ -17,14 +17,14 @@ VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
-.PHONY: install test-envs train test bench clean
+.PHONY: install test-envs train test docs bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(STAMP): $(PY) setup.cfg constraints.txt
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,docs]'
 	touch $(STAMP)
 
 $(HF4_STAMP): constraints-hf4.txt
@@ -56,8 +56,12 @@ test-envs: $(STAMP) $(HF4_STAMP) $(LLAMA_STAMP) $(VLLM_STAMP)
 test: test-envs
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests parity_tests $(PYTEST_ARGS)
 
+# The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or a page missing from nav fails.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
 bench: $(STAMP)
 	$(PY) -m launch.bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(HF4_VENV) $(LLAMA_VENV) $(VLLM_VENV) *.egg-info
+	rm -rf $(VENV) $(HF4_VENV) $(LLAMA_VENV) $(VLLM_VENV) site *.egg-info

@@ -13,9 +13,11 @@ TARGET = "ultrathink_jax.commands"
 class _Commands(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname, path=None, target=None):
         parent, _, name = fullname.rpartition(".")
-        if parent != __name__ or importlib.util.find_spec(f"{TARGET}.{name}") is None:
+        target = importlib.util.find_spec(f"{TARGET}.{name}") if parent == __name__ else None
+        if target is None:
             return None
-        return importlib.util.spec_from_loader(fullname, self)
+        # origin: runpy makes it sys.argv[0] and __file__ of `python -m launch.X`
+        return importlib.util.spec_from_loader(fullname, self, origin=target.origin)
 
     def create_module(self, spec):
         return importlib.import_module(f"{TARGET}.{spec.name.rpartition('.')[2]}")

@@ -78,3 +78,15 @@ def test_launch_names_are_the_installed_commands_modules():
 
     assert launch.train is commands.train and launch.generate is commands.generate
     assert launch.train.main.__module__ == "ultrathink_jax.commands.train"
+
+
+def test_python_m_launch_runs_the_command_file_as_main():
+    import importlib.util
+
+    # runpy (`python -m launch.X`) makes the spec's origin sys.argv[0] and __file__, and runs the loader's code
+    spec = importlib.util.find_spec("launch.export_hf")
+    assert spec.origin == importlib.util.find_spec("ultrathink_jax.commands.export_hf").origin
+    assert spec.loader.get_code("launch.export_hf").co_filename == spec.origin
+    out = subprocess.run([sys.executable, "-m", "launch.export_hf", "--workdir=absent", "--out=x"], cwd=REPO,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 2 and out.stderr.strip().endswith("absent is not a training run directory (no config.json)")
