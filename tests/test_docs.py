@@ -30,7 +30,7 @@ SHELL = ("bash", "sh", "shell", "console")
 def shell_blocks() -> list[tuple[str, int, str, str]]:
     """(file, line, marker text or '', block text) for every fenced shell block."""
     found = []
-    for path in sorted((REPO / "docs").glob("*.md")):
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         lines = path.read_text(encoding="utf-8").splitlines()
         i = 0
         while i < len(lines):
