@@ -61,7 +61,8 @@ def test_an_installed_copy_has_the_presets_and_tokenizer_but_no_top_level_launch
                          capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr[-2000:]
     top_level = sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info"))
-    assert top_level == ["ultrathink_jax", "ultrathink_torch"], top_level
+    assert top_level == ["bin", "ultrathink_jax", "ultrathink_torch"], top_level  # bin/: the `ultrathink` script
+    assert [p.name for p in (target / "bin").iterdir()] == ["ultrathink"]
 
     check = ("from ultrathink_jax import config_files, data; import ultrathink_jax; "
              "c = config_files.load_config_file('configs/small.py'); t = data.load_tokenizer(c.data.tokenizer); "
