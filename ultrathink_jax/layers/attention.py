@@ -32,11 +32,10 @@ def mask_bias(mask):
 
 
 # Causal attention without a cache skips the key blocks after each query block: a block of queries [a, e) sees keys
-# [0, e) only (and, with a window w, from a - w + 1). At most 8 blocks of at least 128 rows: the default model's CPU
-# train step at T = 512 / 1024 / 2048 1.1x / 1.7x / 2.0x faster (BENCHMARKS.md, train profile round 8); smaller
-# blocks cost more in per-matmul overhead than they save (64-row blocks: T = 512 0.93-0.97x, T = 1024 0.77x; round
-# 11). Only 128-255 positions are cut in two halves of at least 64 rows (3/4 of the query-key products): the default
-# model's step at T = 128 1.03-1.07x faster, width 512 1.01-1.02x, capacity MoE 1.03x, dropless 0.97-0.99x (round 11).
+# [0, e) only (and, with a window w, from a - w + 1), so about half the query-key products are never computed. At
+# most 8 blocks of at least 128 rows: smaller blocks cost more in per-matmul overhead than they save. Only 128-255
+# positions are cut in two halves of at least 64 rows (3/4 of the products), where the halves still pay for their
+# overhead. Measured in BENCHMARKS.md, "Training step: where the time goes", rounds 8 and 11.
 CAUSAL_BLOCK_MIN_ROWS = 128
 CAUSAL_MAX_BLOCKS = 8
 CAUSAL_HALF_MIN_ROWS = 64

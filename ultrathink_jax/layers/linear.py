@@ -30,10 +30,10 @@ class Linear(nn.Module):
         return y.reshape(*x.shape[:x.ndim - self.n_in], *self.shape[self.n_in:])
 
 
-# Kernels up to this many elements get their weight gradient as untransposed(x) @ dy on CPU: the default model's
-# (at most 128 x 352) train step 1.03-1.04x faster in three in-process comparisons, `moe_default` as dense 1.06x;
-# width 512's kernels (131K-721K elements) were 0.98-0.995x that way and keep XLA's x^T dy (BENCHMARKS.md, train
-# profile round 8).
+# Kernels up to this many elements get their weight gradient as untransposed(x) @ dy on CPU: for small kernels
+# XLA:CPU's transposed-operand dot is slower than materialising x^T and an ordinary matmul; large kernels (width
+# 512's, 131K-721K elements) are not, and keep XLA's x^T dy (BENCHMARKS.md, "Training step: where the time goes",
+# round 8).
 CPU_SMALL_KERNEL_ELEMENTS = 1 << 16
 
 

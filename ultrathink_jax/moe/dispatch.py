@@ -88,10 +88,9 @@ def grouped_matmul_impl(n_assignments: int, n_experts: int, k: int) -> str:
       applied to every token (E x tokens rows, each expert's weights read once, no copies), the assignments' rows
       then picked out;
     - `tiled` beyond: assignments sorted into row tiles, one weight copy per tile (>= assignments + E x tile rows).
-    One MoE layer of moe_default decoding, us per step, on the Intel AVX-512 host: 2 assignments gather 39 / dense
-    191 / tiled 204; 8 (= E): 193 / 251 / 292; 16: 320 / 275 / 374; 128: 2161 / 796 / 1122; 512: 13369 / 2048 /
-    1868. On the AMD AVX-512 host gather stays fastest to 16 assignments (150 / 198 / 257) and ties dense at 32, so
-    the crossover is the host's; the rule keeps the Intel host's (BENCHMARKS.md, MoE and train profile round 9)."""
+    Why: copies grow with the assignments and dense work with E x tokens, so gather wins for few assignments and
+    tiled for many; the crossovers depend on the host (measured per host in BENCHMARKS.md, "Training step: where the
+    time goes", rounds 7 and 9, and the MoE section): the rule keeps the Intel AVX-512 host's."""
     if jax.default_backend() in ("gpu", "tpu"):
         return "ragged_dot"
     if n_assignments <= n_experts:

@@ -23,7 +23,8 @@ def sections() -> dict[str, ml_collections.ConfigDict]:
         # float32 logits at most this many MiB; 0 = auto: 4 on CPU (a chunk that stays in cache), else no chunking
         "logits_chunk_mib": 0.0,
         # Each micro-batch's loss as this many independent groups of rows in one program (same gradient): XLA:CPU
-        # overlaps them over its cores; 0 = auto: 4 for a dense model without LayerSkip on one CPU device, else 1
+        # overlaps them over its cores; 0 = auto (train.steps.resolve_row_groups: on one CPU device, one group per
+        # core, two for dropless MoE, at most 4; 1 with router jitter or LayerSkip or off CPU)
         "row_groups": 0,
         "max_bad_steps": 5,  # stop after this many consecutive steps skipped for a non-finite loss or gradient
         "sample_tokens": 64,  # tokens generated at the end of training (0 = no sample)

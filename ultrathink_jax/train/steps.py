@@ -76,15 +76,13 @@ def add_moe_loss(config: ModelConfig, objective, parts: dict):
     return objective + moe_weighted, {**parts, "moe_loss_sum": moe_weighted}
 
 
-# `train.row_groups` = 0 on one CPU device: one group per core, at most 4. On a 2-core AVX-512 host 2 groups ran the
-# default step 1.06x faster than 4 and 1.05x faster than 1; at width 512 2 and 4 tie and beat 1 by 1.015x (one
-# process, interleaved: BENCHMARKS.md, train profile round 8); moe_default 1.08x (dropless) and 1.04x (capacity)
-# faster than 1 (round 9). Hosts with more than 2 cores are not measured.
+# `train.row_groups` = 0 on one CPU device: one group per core (independent row groups let XLA:CPU keep every core
+# busy), capped here because more groups than cores only add per-op overhead. Measured on 2-core hosts only:
+# BENCHMARKS.md, "Training step: where the time goes", rounds 8 and 9.
 CPU_ROW_GROUPS = 4
 # Dropless MoE takes two groups per core: its tiles' batched matmuls each run on one core, and XLA:CPU's executor
 # orders the groups' backward tile matmuls one after another (their buffers share memory), so one group per core
-# leaves a core idle. moe_default dropless with 4 groups 1.10x and 1.18x faster than with 2, with 8 0.91x; capacity
-# MoE 0.93x with 4 (round 10).
+# leaves a core idle; capacity MoE does not gain from it (BENCHMARKS.md, same section, round 10).
 DROPLESS_GROUPS_PER_CORE = 2
 
 
