@@ -8,6 +8,7 @@ gets the repository itself with `pip install --no-deps`: a wheel build, no downl
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -29,8 +30,13 @@ def installed(tmp_path_factory):
                           capture_output=True, text=True, check=True).stdout.strip()
     Path(site, "reuse_test_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    source = root / "src"  # a copy, as a clone would be: the build leaves its build/ and egg-info there
+    for name in ("ultrathink_jax", "ultrathink_torch", "launch"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("setup.cfg", "setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", str(REPO)], check=True, capture_output=True, env=env, cwd=root, timeout=600)
+                    "--no-index", str(source)], check=True, capture_output=True, env=env, cwd=root, timeout=600)
     work = root / "cwd"  # not the checkout: nothing of the tree is importable from here
     work.mkdir()
     return env_dir / "bin", env, work
