@@ -1,6 +1,6 @@
 """Constitutional AI data from a model's own critiques and revisions:
 `python -m launch.constitutional (--workdir=RUN | --hf_dir=DIR) --principles=FILE --prompts=FILE --out=DIR
-[--templates=examples/constitutional/templates.json] [--mode=revision|feedback] [--max_new_tokens=64]`.
+[--templates=FILE] [--mode=revision|feedback] [--max_new_tokens=64]`.
 
 Writes DIR/sft.jsonl (prompt + revision, for launch.sft), DIR/pairs.jsonl (for launch.dpo) and DIR/trace.jsonl.
 --mode=revision prefers each revision over the first answer; --mode=feedback samples two answers and lets the
@@ -9,11 +9,13 @@ model pick the one that better follows a principle (the likelier of "(A)" / "(B)
 
 import argparse
 import sys
+from pathlib import Path
 
 from ultrathink_jax import cli
 
 PROG = "launch.constitutional"
-DEFAULT_TEMPLATES = "examples/constitutional/templates.json"
+# the default critique/revision/comparison templates, package data (an installed copy has them too)
+DEFAULT_TEMPLATES = Path(__file__).resolve().parents[1] / "assets" / "constitutional" / "templates.json"
 
 
 def main(argv=None) -> int:
@@ -21,7 +23,7 @@ def main(argv=None) -> int:
     cli.add_model_source(parser, "a run directory (launch.train / import_hf / sft / dpo)", step=False)
     parser.add_argument("--principles", required=True, help="jsonl of principles")
     parser.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with 'prompt'")
-    parser.add_argument("--templates", default=DEFAULT_TEMPLATES, help="critique/revision/comparison templates")
+    parser.add_argument("--templates", default=DEFAULT_TEMPLATES, help="critique/revision/comparison templates (default: the shipped ones)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--mode", default="revision", help="revision or feedback (how pairs are labelled)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -39,8 +41,6 @@ def main(argv=None) -> int:
 
         settings = constitutional.Settings(args.mode, args.max_new_tokens, args.temperature, args.seed)
         templates_file = Path(args.templates)
-        if not templates_file.is_file() and not templates_file.is_absolute():
-            templates_file = Path(__file__).resolve().parents[1] / args.templates  # the shipped example
         principles = constitutional.read_principles(args.principles)
         prompts = constitutional.read_prompts(args.prompts)
         templates = constitutional.read_templates(templates_file)

@@ -14,8 +14,8 @@ model sees worked critiques/revisions before its own. Outputs, in `out`:
   trace.jsonl     every intermediate text (answer, principle, critique, revision / samples and label log-probs)
 
 Files: principles jsonl {"name", "critique", "revision", "comparison"}; prompts: one per line (.txt) or jsonl with
-"prompt"; templates JSON {"critique", "revision", "comparison": format strings, "few_shot": [examples]} (see
-examples/constitutional/).
+"prompt"; templates JSON {"critique", "revision", "comparison": format strings, "few_shot": [examples]} (the
+default: ultrathink_jax/assets/constitutional/templates.json; example principles and prompts: examples/constitutional/).
 """
 
 from __future__ import annotations
