@@ -70,8 +70,8 @@ def _chunk(rows, kernel, targets, weights, vocab_major, dtype, z_loss_weight, wi
     d_rows = d @ (w if vocab_major else w.T)
     # The kernel's gradient [D, V] (input-major whatever the kernel's layout: `_head_objective_fwd` transposes it
     # once) contracts the chunk's rows. As x^T d with the small x^T materialised (`untransposed`) it is an ordinary
-    # matmul, which XLA:CPU runs on YNNPACK; the transposed-operand d^T x ran on Eigen's dot at about 60 GFLOP/s,
-    # serialising the head (the default model's train step 1.04-1.05x faster: BENCHMARKS.md, train profile round 10).
+    # matmul, which XLA:CPU runs on YNNPACK; the transposed-operand d^T x runs on Eigen's slower dot and serialises
+    # the head (measured: BENCHMARKS.md, train profile round 10).
     d_kernel = jnp.matmul(untransposed(x), d, preferred_element_type=jnp.float32)
     return sums, d_rows.astype(rows.dtype), d_kernel
 

@@ -122,8 +122,7 @@ def _softmax_attention_bwd(residuals, d_out):
     p = e * inv
     # dV = P^T dO and dK = dS^T Q contract the scores' row axis. They are computed transposed, dV^T = dO^T P, so the
     # transposes XLA:CPU needs (`untransposed`, `transposed_result`) are of the small [G*T, hd] and [hd, S] operands
-    # and results, not of the [G*T, S] scores (attention fwd + bwd alone 1.26x faster at T = 1024, 1.2x at 2048;
-    # the whole step 1.03x at T = 1024: BENCHMARKS.md, train profile round 8).
+    # and results, not of the [G*T, S] scores (measured: BENCHMARKS.md, train profile round 8).
     dv = transposed_result(jnp.einsum("bkdq,bkqs->bkds", untransposed(d_out), p))
     dp = jnp.einsum("bkqd,bksd->bkqs", d_out, v)
     ds = p * (dp - jnp.sum(d_out * out, -1, keepdims=True))

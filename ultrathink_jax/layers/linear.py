@@ -24,7 +24,7 @@ class Linear(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.names), self.shape, jnp.float32)
         # One 2-D matmul [rows, in] @ [in, out] (the reshapes are free): with several leading or contracting axes
         # XLA:CPU transposes the backward's operands into the layout its matmul wants, fused with the elementwise
-        # gradients; 2-D operands need no copy (SwiGLU forward + backward measured 1.8x faster, BENCHMARKS.md).
+        # gradients; 2-D operands need no copy (measured on SwiGLU forward + backward: BENCHMARKS.md).
         k = math.prod(self.shape[:self.n_in])
         y = matmul(x.reshape(-1, k).astype(self.dtype), kernel.reshape(k, -1).astype(self.dtype))
         return y.reshape(*x.shape[:x.ndim - self.n_in], *self.shape[self.n_in:])
@@ -68,8 +68,8 @@ def untransposed(x):
     """x [..., a, b] -> its transpose [..., b, a], materialised on CPU, for a matmul that contracts x's axis a. A
     batched matmul contracting the leading (row) axis of both operands, as every weight or key/value gradient does
     (x^T dy), runs on Eigen on XLA:CPU, not YNNPACK, and XLA folds a plain transpose back into such a matmul; the
-    barrier keeps the copy, and the matmul becomes an ordinary one (attention fwd + bwd 1.1-1.25x faster, the
-    dropless MoE step 0.93x -> 1.01x the capacity step's speed: BENCHMARKS.md round 7). Other backends' matmuls
+    barrier keeps the copy, and the matmul becomes an ordinary one (measured on attention and the dropless MoE
+    step: BENCHMARKS.md, round 7). Other backends' matmuls
     take transposed operands natively: there x^T is left to XLA."""
     x = jnp.swapaxes(x, -1, -2)
     return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x

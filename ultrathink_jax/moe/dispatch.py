@@ -74,8 +74,8 @@ def _mesh_axes(mesh, logical: str, size: int) -> tuple[str, ...]:
 
 
 GROUP_TILE = 64  # rows per tile of the tiled grouped matmul: each expert's group is padded to a multiple of it
-# CPU: `dense` while it multiplies at most this many times the rows `tiled` does (measured on moe_default, one layer
-# decoding: dense 1.04x faster at 256 assignments, where it multiplies 1.33x the rows, tiled 1.10x at 512 and 2x)
+# CPU: `dense` while it multiplies at most this many times the rows `tiled` does: past that the padding-free tiles
+# win (measured on moe_default decoding one layer: BENCHMARKS.md)
 DENSE_ROWS_RATIO = 1.5
 
 

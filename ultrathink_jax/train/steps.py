@@ -30,7 +30,7 @@ from ultrathink_jax.train.state import TrainState, step_rng
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 
 
-CPU_LOGITS_CHUNK_MIB = 4.0  # `train.logits_chunk_mib` = 0 on CPU: the default head+loss 1.3x faster (BENCHMARKS.md)
+CPU_LOGITS_CHUNK_MIB = 4.0  # `train.logits_chunk_mib` = 0 on CPU: chunks that stay in cache (measured: BENCHMARKS.md)
 
 
 def logits_chunk_bytes(logits_chunk_mib: float) -> float:
