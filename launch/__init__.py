@@ -4,6 +4,7 @@ code the installed `ultrathink` command runs. launch/ holds no copy: an import f
 
 import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 
@@ -27,7 +28,10 @@ class _Commands(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def get_code(self, fullname):  # runpy (`python -m launch.X`) runs the command's own file as __main__
         target = f"{TARGET}.{fullname.rpartition('.')[2]}"
-        return importlib.util.find_spec(target).loader.get_code(target)
+        # the file's own loader from the path, not find_spec: once launch.X is imported, the shared module's
+        # __spec__ is launch.X's, whose loader is this one
+        commands = importlib.import_module(TARGET)
+        return importlib.machinery.PathFinder.find_spec(target, commands.__path__).loader.get_code(target)
 
 
 if not any(isinstance(f, _Commands) for f in sys.meta_path):

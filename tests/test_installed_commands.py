@@ -89,6 +89,7 @@ def test_launch_names_are_the_installed_commands_modules():
 def test_python_m_launch_runs_the_command_file_as_main():
     import importlib.util
 
+    import launch.export_hf  # noqa: F401  imported through launch/ first, as other tests in a worker may have done
     # runpy (`python -m launch.X`) makes the spec's origin sys.argv[0] and __file__, and runs the loader's code
     spec = importlib.util.find_spec("launch.export_hf")
     assert spec.origin == importlib.util.find_spec("ultrathink_jax.commands.export_hf").origin
